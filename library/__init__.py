@@ -1,0 +1,1 @@
+"""Shared training utilities for the train_*.py scripts."""

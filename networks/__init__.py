@@ -1,0 +1,1 @@
+"""Network modules (LoRA and friends) that train_network.py attaches to a model."""
