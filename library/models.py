@@ -6,6 +6,7 @@ built-in standard configs of `library.families`) and weights are converted by `l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
@@ -101,16 +103,20 @@ def tokenizers_for(family: Family) -> list[CLIPTokenizer]:
 
 
 def build_model(family: Family | FamilyName, configs: dict[str, dict[str, Any]], seed: int | None = None,
-                tokenizers: list[CLIPTokenizer] | None = None) -> StableDiffusionModel:
-    """Components with random weights from config dicts (`families.tiny_configs`, `standard_configs`, ...)."""
+                tokenizers: list[CLIPTokenizer] | None = None, empty_weights: bool = False) -> StableDiffusionModel:
+    """Components with random weights from config dicts (`families.tiny_configs`, `standard_configs`, ...).
+
+    ``empty_weights`` builds the modules on the meta device, for callers that load every weight next.
+    """
     fam = family if isinstance(family, Family) else FAMILIES[family]
     if seed is not None:
         torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**_without_class_name(configs["unet"]))
-    vae = AutoencoderKL(**_without_class_name(configs["vae"]))
-    text_encoders: list[CLIPTextModel] = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))]
-    if fam.is_sdxl:
-        text_encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
+    with init_empty_weights() if empty_weights else contextlib.nullcontext():
+        unet = UNet2DConditionModel(**_without_class_name(configs["unet"]))
+        vae = AutoencoderKL(**_without_class_name(configs["vae"]))
+        text_encoders: list[CLIPTextModel] = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))]
+        if fam.is_sdxl:
+            text_encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
     scheduler = EulerDiscreteScheduler.from_config(_without_class_name(configs["scheduler"]))
     for module in (unet, vae, *text_encoders):
         module.eval()
@@ -198,22 +204,30 @@ def load_diffusers(folder: str | os.PathLike, torch_dtype: torch.dtype | None = 
 # single files
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a `.safetensors` file or a pickled checkpoint (loaded with weights_only=True)."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a `.safetensors` file or a pickled checkpoint (weights_only=True)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path)), read_safetensors_metadata(path)
+        except Exception as error:  # noqa: BLE001 - the message names the file, that is what the user needs
+            raise ModelLoadError(f"{path} could not be read as a safetensors file ({error})") from error
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - the message names the file, that is what the user needs
+    except Exception as error:  # noqa: BLE001
         raise ModelLoadError(f"{path} could not be read as a checkpoint ({error.__class__.__name__}: {error})") from error
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} does not hold a state dict")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    metadata = {k: v for k, v in data.items() if isinstance(v, str)}
+    if isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)[0]
 
 
 def load_single_file(path: str | os.PathLike, family: str | None = None, model_config: str | None = None,
@@ -224,7 +238,7 @@ def load_single_file(path: str | os.PathLike, family: str | None = None, model_c
     in the file's metadata, or the built-in standard config of the detected family.
     """
     path = Path(path)
-    state_dict = read_state_dict(path)
+    state_dict, metadata = read_checkpoint(path)
     detected = ldm_layout.detect_family(state_dict)
     if detected is None:
         raise ModelLoadError(
@@ -234,23 +248,20 @@ def load_single_file(path: str | os.PathLike, family: str | None = None, model_c
     if family is not None and resolve_family(family).name != detected:
         raise ModelLoadError(f"{path} holds an {detected} model, but --family {family} was given; drop the flag or pick the right file")
     fam = FAMILIES[detected]
-    configs = _configs_for_single_file(path, fam, model_config)
+    configs = _configs_for_single_file(metadata, fam, model_config)
     if prediction_type is not None:
         configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():  # no time spent on random init of weights about to be replaced
-        model = build_model(fam, configs)
+    model = build_model(fam, configs, empty_weights=True)  # no time spent on random init of weights we replace
     diffusers_sd = ldm_layout.ldm_to_diffusers(state_dict, fam.name, configs)
     _load_component_weights(model, diffusers_sd, path)
     model.source = str(path)
     return model
 
 
-def _configs_for_single_file(path: Path, family: Family, model_config: str | None) -> dict[str, dict[str, Any]]:
+def _configs_for_single_file(metadata: dict[str, str], family: Family, model_config: str | None) -> dict[str, dict[str, Any]]:
     if model_config is not None:
         return load_diffusers_configs(model_config)
-    stored = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY) if path.suffix == ".safetensors" else None
+    stored = metadata.get(CONFIG_METADATA_KEY)
     if stored:
         return json.loads(stored)
     return standard_configs(family.name)
@@ -316,7 +327,7 @@ def save_single_file(model: StableDiffusionModel, path: str | os.PathLike, dtype
     else:
         from library.safetensors_io import atomic_torch_save
 
-        atomic_torch_save({"state_dict": state_dict}, path)
+        atomic_torch_save({"state_dict": state_dict, **meta}, path)
 
 
 def _architecture(model: StableDiffusionModel) -> str:

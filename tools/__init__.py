@@ -1,0 +1,1 @@
+"""Standalone command-line tools (importable so tests can call their main())."""
