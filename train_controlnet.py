@@ -1,0 +1,7 @@
+"""ControlNet training (not implemented yet: this entry point lands with its issue)."""
+
+import sys
+
+if __name__ == "__main__":
+    print("train_controlnet.py: ControlNet training is not implemented yet", file=sys.stderr)
+    sys.exit(2)
