@@ -26,6 +26,8 @@ from typing import Any
 
 import toml
 
+from library.captions import CAPTION_TAG_MODES
+
 # A validator looks at the merged namespace and returns an error message (naming the flags involved as
 # `--flag`) or None when the values are fine.
 Validator = Callable[[argparse.Namespace], str | None]
@@ -119,7 +121,39 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
     group.add_argument("--color_aug", action="store_true", help="random hue shifts (disables latent caching)")
     group.add_argument("--random_crop", action="store_true", help="random instead of centre crops")
-    group.add_argument("--dataset_repeats", type=int, default=1, help="repeats of a fine-tune dataset per epoch")
+    group.add_argument("--dataset_repeats", type=int, default=1,
+                       help="repeats per epoch of a subset that sets no num_repeats (fine-tune datasets)")
+    group.add_argument("--keep_tokens_separator", type=str, default="",
+                       help="marker splitting a caption into fixed head / shuffled middle / fixed tail, e.g. '|||'")
+    group.add_argument("--secondary_separator", type=str, default=None,
+                       help="separator that joins tokens into one unit when shuffling; replaced by "
+                            "--caption_separator afterwards, e.g. ';;;'")
+    group.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
+    group.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
+    group.add_argument("--enable_wildcard", action="store_true",
+                       help="'{a|b|c}' picks one choice; a multi-line caption picks one random line")
+    group.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                       help="probability of training a sample with an empty caption")
+    group.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                       help="train with empty captions every N-th epoch (0: off)")
+    group.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                       help="probability of dropping each shuffled caption token")
+    group.add_argument("--token_warmup_min", type=int, default=1,
+                       help="caption tokens kept at step 0 of token warm-up")
+    group.add_argument("--token_warmup_step", type=float, default=0,
+                       help="token warm-up length: steps (>= 1) or a fraction of the training steps (< 1); 0: off")
+    group.add_argument("--caption_tag_mode", type=str, choices=CAPTION_TAG_MODES, default="concat",
+                       help="how a metadata caption and its tags are combined")
+    group.add_argument("--alpha_mask", action="store_true",
+                       help="use the image's alpha channel as the loss mask")
+    group.add_argument("--conditioning_data_dir", type=str, default=None,
+                       help="ControlNet conditioning images (same file names as the --train_data_dir images)")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0,
+                       help="loss weight of regularisation images")
+    group.add_argument("--validation_split", type=float, default=0.0,
+                       help="fraction of each dataset held out for validation (0: none)")
+    group.add_argument("--validation_seed", type=int, default=None,
+                       help="seed of the validation split shuffle; default: the training --seed")
     group.add_argument("--max_data_loader_n_workers", type=int, default=8,
                        help="data loader worker processes (at most the CPU count)")
     group.add_argument("--persistent_data_loader_workers", action="store_true",

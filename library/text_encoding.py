@@ -18,14 +18,14 @@ functions run under ``torch.no_grad`` or with grad (text-encoder training) on th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from library.clip_tokenizer import EOS_ID
+from library.families import FamilyName
 
-FamilyName = Literal["sd1", "sd2", "sdxl"]
 CHUNK_TOKENS = 75  # caption tokens per 77-position CLIP window
 CHUNK_LENGTH = CHUNK_TOKENS + 2
 

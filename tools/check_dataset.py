@@ -1,0 +1,183 @@
+"""Check a dataset exactly as training would read it, without loading a model.
+
+    python tools/check_dataset.py --dataset_config data.toml [--family sdxl]
+    python tools/check_dataset.py --train_data_dir img --reg_data_dir reg --resolution 1024 --enable_bucket
+
+Prints image/repeat/reg counts, the per-bucket histogram (with upscaled images) and the images no bucket
+can take, caption/tag coverage and every problem (missing, corrupt or mis-captioned files), and exits
+with status 1 when there is a problem. The checks are the training start-up's own:
+``library.datasets.build_dataset_index``. The core, :func:`check_datasets`, returns a :class:`CheckReport`.
+
+Bucket steps: SDXL needs bucket_reso_steps to be a multiple of 32, SD1/SD2 of 64. Without a model the
+tool uses ``--family`` (or ``--v2``) to pick the rule and otherwise assumes 32, the more permissive one.
+``--config_file`` accepts model, dataset and config keys only (a full training config has keys this tool
+does not know; pass the dataset flags or ``--dataset_config`` instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `library` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from library.buckets import Size  # noqa: E402
+from library.config import add_dataset_arguments, add_model_arguments, build_parser, parse_args  # noqa: E402
+from library.dataset_config import DatasetConfig, DatasetConfigError  # noqa: E402
+from library.datasets import DatasetIndex, ImageRecord, Problem, build_dataset_index, format_problems  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BucketRow:
+    """One bucket of one dataset: how many images land there, with repeats, and how many are upscaled."""
+
+    dataset: int
+    bucket: Size
+    images: int
+    samples: int
+    upscaled: int
+
+
+@dataclass(frozen=True)
+class CaptionCoverage:
+    """Where the images' text comes from. ``neither`` = no own caption and no tags; of those,
+    ``class_tokens`` train on the subset's class tokens (the rest are problems)."""
+
+    images: int
+    caption: int
+    tags: int
+    both: int
+    neither: int
+    class_tokens: int
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Everything the tool prints, as values (tests assert on these)."""
+
+    train_images: int
+    train_samples: int  # repeats included
+    reg_images: int
+    reg_samples: int  # after balancing
+    unused_reg_images: tuple[Path, ...]
+    buckets: tuple[BucketRow, ...]
+    dropped: tuple[Path, ...]  # images no bucket can take
+    coverage: CaptionCoverage
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when training would start."""
+        return not self.problems
+
+    def format(self) -> str:
+        """The human-readable report."""
+        lines = [
+            f"training images: {self.train_images} ({self.train_samples} samples with repeats)",
+            f"regularisation images: {self.reg_images} ({self.reg_samples} samples after balancing), "
+            f"{len(self.unused_reg_images)} unused",
+            "buckets (dataset: WxH  images  samples  upscaled):",
+        ]
+        lines += [f"  {row.dataset}: {row.bucket[0]}x{row.bucket[1]}  {row.images}  {row.samples}  {row.upscaled}"
+                  for row in self.buckets]
+        if self.dropped:
+            lines.append(f"dropped (no bucket fits): {len(self.dropped)}")
+            lines += [f"  {path}" for path in self.dropped]
+        c = self.coverage
+        lines.append(f"captions: {c.images} images; caption {c.caption}, tags {c.tags}, both {c.both}, "
+                     f"neither {c.neither} (of which {c.class_tokens} use class tokens)")
+        if self.unused_reg_images:
+            lines.append("unused regularisation images:")
+            lines += [f"  {path}" for path in self.unused_reg_images]
+        lines.append(format_problems(self.problems) if self.problems else "no problems found")
+        return "\n".join(lines)
+
+
+def _coverage(records: Sequence[ImageRecord]) -> CaptionCoverage:
+    own_caption = [r.caption_source in ("metadata", "caption_file") and bool(r.caption) for r in records]
+    tags = [bool(r.tags) for r in records]
+    return CaptionCoverage(
+        images=len(records),
+        caption=sum(own_caption),
+        tags=sum(tags),
+        both=sum(c and t for c, t in zip(own_caption, tags)),
+        neither=sum(not c and not t for c, t in zip(own_caption, tags)),
+        class_tokens=sum(r.caption_source == "class_tokens" for r in records),
+    )
+
+
+def _bucket_rows(index: DatasetIndex) -> tuple[BucketRow, ...]:
+    rows: dict[tuple[int, Size], list[ImageRecord]] = {}
+    for record in index.records:
+        if record.bucket is not None:
+            rows.setdefault((record.dataset_index, record.bucket.bucket), []).append(record)
+    return tuple(
+        BucketRow(dataset=key[0], bucket=key[1], images=len(members),
+                  samples=sum(r.num_repeats for r in members),
+                  upscaled=sum(r.bucket is not None and r.bucket.scale > 1.0 for r in members))
+        for key, members in sorted(rows.items())
+    )
+
+
+def report_from_index(index: DatasetIndex) -> CheckReport:
+    """Summarise a built index (records bucketed, problems collected)."""
+    train = [r for r in index.records if not r.is_reg]
+    reg = [r for r in index.records if r.is_reg]
+    return CheckReport(
+        train_images=len(train),
+        train_samples=sum(r.num_repeats for r in train),
+        reg_images=len(reg),
+        reg_samples=sum(r.num_repeats for r in reg),
+        unused_reg_images=index.unused_reg_images,
+        buckets=_bucket_rows(index),
+        dropped=tuple(r.image_path for r in index.dropped),
+        coverage=_coverage(list(index.records) + list(index.dropped)),
+        problems=index.problems,
+    )
+
+
+def check_datasets(datasets: Sequence[DatasetConfig], min_step: int = 32, verify_images: bool = True) -> CheckReport:
+    """The tool's core: build the index exactly as training does and summarise it."""
+    return report_from_index(build_dataset_index(datasets, min_step=min_step, verify_images=verify_images))
+
+
+def min_step_for(args: argparse.Namespace) -> int:
+    """Bucket granularity of the model family: 32 for SDXL (or unknown), 64 for SD1/SD2."""
+    family = getattr(args, "family", None)
+    if family in ("sd15", "sd21") or getattr(args, "v2", False):
+        return 64
+    return 32
+
+
+def build_check_parser() -> argparse.ArgumentParser:
+    """The training scripts' model and dataset flags (and --config_file), plus --skip_verify."""
+    parser = build_parser("Check a dataset as training would read it (no model is loaded).",
+                          add_model_arguments, add_dataset_arguments)
+    group = parser.add_argument_group("check")
+    group.add_argument("--skip_verify", action="store_true",
+                       help="do not decode every image (faster; corrupt files are then not found)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, check, print the report; 0 when training would start, 1 otherwise."""
+    parser = build_check_parser()
+    args = parse_args(parser, argv)
+    from library.dataset_config import load_dataset_configs  # being written alongside; imported late
+
+    try:
+        datasets = load_dataset_configs(args)
+    except DatasetConfigError as error:
+        print(f"dataset config error: {error}", file=sys.stderr)
+        return 2
+    report = check_datasets(datasets, min_step=min_step_for(args), verify_images=not args.skip_verify)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
