@@ -24,6 +24,7 @@ from typing import Any, Literal, NamedTuple
 
 import toml
 
+from library.metadata import IMAGE_EXTENSIONS
 from library.captions import CaptionOptions
 
 DatasetKind = Literal["dreambooth", "finetuning", "controlnet"]
@@ -158,7 +159,6 @@ _KIND_ONLY_KEYS: dict[str, frozenset[str]] = {
 # Config key -> argparse dest where they differ.
 _CLI_NAMES: dict[str, str] = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 _CAPTION_KEYS: tuple[str, ...] = tuple(f.name for f in fields(CaptionOptions))
-_IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif", ".jxl"})
 _DREAMBOOTH_FOLDER_RE = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 _RESOLUTION_MULTIPLE = 8
 
@@ -697,7 +697,7 @@ def _dreambooth_subsets(folder: str, flag: str, *, is_reg: bool, problems: _Prob
     loose_images = 0
     for entry in sorted(root.iterdir()):
         if not entry.is_dir():
-            loose_images += entry.suffix.lower() in _IMAGE_EXTENSIONS
+            loose_images += entry.suffix.lower() in IMAGE_EXTENSIONS
             continue
         match = _DREAMBOOTH_FOLDER_RE.match(entry.name)
         if match is None or int(match.group(1)) < 1:

@@ -55,9 +55,7 @@ import torch
 from PIL import Image, ImageOps
 
 from library.buckets import Size, cover_resize, crop_box, crop_top_left
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-"""Extensions (lower case) recognised as images; matched case-insensitively."""
+from library.metadata import IMAGE_EXTENSIONS  # one list for every reader of image folders
 
 RESAMPLE = Image.Resampling.LANCZOS
 HUE_JITTER_DEGREES = 8.0

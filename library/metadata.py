@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-# The same set as library.images.IMAGE_EXTENSIONS, repeated so these CPU-only tools need not import torch.
+# The image files every folder reader recognises (any letter case). Kept here, in a torch-free module, so the
+# metadata tools stay light.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_LISTED = 5  # how many names a warning lists before "..."
 
@@ -330,6 +331,28 @@ _MULTI_PERSON_GROUPS: tuple[re.Pattern[str], ...] = (
     re.compile(r"ponytail|braid|ahoge|twintails|[\w\-]+ bun|single hair bun|single side bun|two side up"
                r"|two tails|[\w\-]+ braid|sidelocks"),
 )
+
+
+def run_merge(args: Any, field_name: str, extension: str) -> int:
+    """The body of the merge_*_to_metadata tools: merge, report, and turn bad input into one error line."""
+    import sys
+
+    try:
+        report = merge_side_files(args.train_data_dir, args.out_json, field_name=field_name, extension=extension,
+                                  in_json=args.in_json, full_path=args.full_path, recursive=args.recursive)
+        info, warnings = merge_report_lines(report, field_name, extension, args.out_json)
+    except MetadataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.debug:
+        for key, text in report.merged.items():
+            print(f"{key} {text}")
+    print("\n".join(info))
+    for line in warnings:
+        print(line, file=sys.stderr)
+    return 0
+
+
 _HAIR_LENGTH = _MULTI_PERSON_GROUPS[0]
 _ONE_WORD_HAIR = re.compile(r"[\w\-]+ hair")  # hair colours, and also e.g. "messy hair"
 _GENERIC_TAG = re.compile(r"[\w\-]+|hair ornament")  # tags a more specific tag can make redundant

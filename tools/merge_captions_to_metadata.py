@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.metadata import MetadataError, merge_report_lines, merge_side_files  # noqa: E402
+from library.metadata import run_merge  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,20 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extension = args.caption_extention or args.caption_extension
 
-    try:
-        report = merge_side_files(args.train_data_dir, args.out_json, field_name="caption", extension=extension,
-                                  in_json=args.in_json, full_path=args.full_path, recursive=args.recursive)
-        info, warnings = merge_report_lines(report, "caption", extension, args.out_json)
-    except MetadataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if args.debug:
-        for key, caption in report.merged.items():
-            print(f"{key} {caption}")
-    print("\n".join(info))
-    for line in warnings:
-        print(line, file=sys.stderr)
-    return 0
+    return run_merge(args, "caption", extension)
 
 
 if __name__ == "__main__":
