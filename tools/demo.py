@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers warns at import that torchvision is absent; nothing here needs it.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2/4] single-file checkpoint (LDM layout): {single}; reloaded UNet identical: {same}")
 
     encoder = PromptEncoder("sdxl", model.tokenizers, model.text_encoders, max_token_length=225)
-    tokens = model.tokenizers[0](LONG_PROMPT).input_ids
+    tokens = model.tokenizers[0](LONG_PROMPT, verbose=False).input_ids
     with torch.no_grad():
         encoded = encoder.encode([LONG_PROMPT])
         negative = encoder.encode([""])
