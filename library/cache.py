@@ -84,6 +84,7 @@ class LatentJob:
 
     ``crop_left_top`` is the offset of the bucket-sized window in the image resized to ``resized_size``.
     ``flip`` also encodes the flipped image (flip_aug); ``alpha_mask`` also stores the alpha channel.
+    ``cache_file`` puts the npz elsewhere than kohya's place beside the image (e.g. a per-run folder).
     """
 
     image_path: Path
@@ -93,9 +94,12 @@ class LatentJob:
     crop_left_top: tuple[int, int] = (0, 0)
     flip: bool = False
     alpha_mask: bool = False
+    cache_file: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_path", Path(self.image_path))
+        if self.cache_file is not None:
+            object.__setattr__(self, "cache_file", Path(self.cache_file))
         bw, bh = self.bucket
         rw, rh = self.resized_size
         left, top = self.crop_left_top
@@ -113,6 +117,9 @@ class LatentJob:
         return left, top, left + self.bucket[0], top + self.bucket[1]
 
     def cache_path(self, is_sdxl: bool) -> Path:
+        """``cache_file`` if set, else kohya's name beside the image."""
+        if self.cache_file is not None:
+            return self.cache_file
         return latent_cache_path(self.image_path, self.original_size, is_sdxl)
 
 
@@ -275,6 +282,7 @@ def _stable_seed(seed: int, text: str) -> int:
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write to a temp file in the same folder, then rename: a reader never sees a half-written npz."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

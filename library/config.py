@@ -71,6 +71,17 @@ def add_validator(parser: argparse.ArgumentParser, validator: Validator) -> None
     validators.append(validator)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size), with the same message on the CLI and in a file."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------------------
 # Argument groups
 # --------------------------------------------------------------------------------------------------------
@@ -158,6 +169,26 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                        help="data loader worker processes (at most the CPU count)")
     group.add_argument("--persistent_data_loader_workers", action="store_true",
                        help="keep data loader workers alive between epochs")
+    group.add_argument("--cache_latents", action="store_true",
+                       help="encode every image once at start-up and train on the cached latents (kept for "
+                            "this run only; not with random_crop or color_aug)")
+    group.add_argument("--cache_latents_to_disk", action="store_true",
+                       help="like --cache_latents (implies it), but keep the latents as "
+                            "'<stem>_<W>x<H>_sd(xl).npz' beside the images, reused by later runs and by kohya")
+    group.add_argument("--vae_batch_size", type=positive_int, default=1,
+                       help="images per VAE batch when caching latents")
+    group.add_argument("--skip_cache_check", action="store_true",
+                       help="trust existing latent cache files without checking them (faster start-up; a "
+                            "changed image is then not noticed)")
+    group.add_argument("--cache_text_encoder_outputs", action="store_true",
+                       help="encode every caption once at start-up and train on the cached text-encoder outputs "
+                            "(kept for this run only; captions must not change between draws)")
+    group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                       help="like --cache_text_encoder_outputs (implies it), but keep the outputs in "
+                            "--text_encoder_cache_dir for later runs")
+    group.add_argument("--text_encoder_cache_dir", type=str, default=None,
+                       help="folder of the text-encoder output cache on disk; default: '.te_cache' inside the "
+                            "first subset's image folder (or its metadata file's folder)")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser,

@@ -50,7 +50,6 @@ class SubsetConfig:
     color_aug: bool = False
     random_crop: bool = False
     alpha_mask: bool = False
-    cache_info: bool = False
     # Where this subset was declared, for error messages: "cfg.toml [[datasets]] #1 [[datasets.subsets]] #2".
     source: str = "command line"
 
@@ -131,7 +130,6 @@ SUBSET_KEYS: dict[str, str] = {
     "random_crop": "bool",
     "caption_extension": "str",
     "class_tokens": "str",
-    "cache_info": "bool",
 }
 """Subset settings that may also be given in [[datasets]] or [general] as a default for its subsets."""
 
@@ -146,7 +144,13 @@ SUBSET_ONLY_KEYS: dict[str, str] = {
 
 _PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
 # kohya keys we recognise but do not implement yet: rejected with that reason rather than as typos.
-_UNSUPPORTED_KEYS = frozenset({"network_multiplier", "resize_interpolation", "face_crop_aug_range", "custom_attributes"})
+_UNSUPPORTED_KEYS = frozenset({"network_multiplier", "resize_interpolation", "face_crop_aug_range", "custom_attributes",
+                               "cache_info"})
+# Extra words for some of them.
+_UNSUPPORTED_HINTS: dict[str, str] = {
+    "cache_info": " (kohya's metadata_cache.json; start-up here reads only image headers, which is fast, and "
+                  "--cache_latents_to_disk caches the latents)",
+}
 # kohya treats these as command-line settings only.
 _CLI_ONLY_KEYS = frozenset({"debug_dataset", "max_token_length", "prior_loss_weight"})
 # Keys a kind does not read (kohya rejects them too); checked in [[datasets]] and its subsets, not in [general].
@@ -154,7 +158,6 @@ _KIND_ONLY_KEYS: dict[str, frozenset[str]] = {
     "is_reg": frozenset({"dreambooth"}),
     "class_tokens": frozenset({"dreambooth"}),
     "caption_extension": frozenset({"dreambooth", "controlnet"}),  # fine-tuning captions come from the JSON
-    "cache_info": frozenset({"dreambooth", "controlnet"}),
 }
 # Config key -> argparse dest where they differ.
 _CLI_NAMES: dict[str, str] = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
@@ -380,7 +383,7 @@ def _misplaced(key: str, level: str, known: Sequence[str]) -> str:
     if key in DATASET_KEYS:
         return f"{key} is only allowed in [general] or [[datasets]], not in [[datasets.subsets]]"
     if key in _UNSUPPORTED_KEYS:
-        return f"{key} is a kohya key that is not supported yet: remove it"
+        return f"{key} is a kohya key that is not supported yet: remove it{_UNSUPPORTED_HINTS.get(key, '')}"
     if key in _CLI_ONLY_KEYS:
         return f"{key} is a command-line argument, not a dataset config key: pass --{key} instead"
     if key == "subsets":
@@ -581,7 +584,7 @@ def _build_subset(kind: DatasetKind, chain: Sequence[_Layer], problems: _Problem
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for key in ("num_repeats", "is_reg", "class_tokens", "caption_extension", "flip_aug", "color_aug",
-                "random_crop", "alpha_mask", "cache_info", *_PATH_KEYS):
+                "random_crop", "alpha_mask", *_PATH_KEYS):
         values[key], origins[key] = _lookup(key, chain, defaults[key])
 
     if values["num_repeats"] < 1:
@@ -628,7 +631,6 @@ def _build_subset(kind: DatasetKind, chain: Sequence[_Layer], problems: _Problem
         color_aug=values["color_aug"],
         random_crop=values["random_crop"],
         alpha_mask=values["alpha_mask"],
-        cache_info=values["cache_info"],
         source=subset_where,
     )
 

@@ -5,7 +5,8 @@ One image's path from its file to a batch::
     index = load_dataset_index(dataset_configs, min_step=32)      # records, checked; raises DatasetProblems
     inputs = build_bucket_sampler_inputs(index)                    # bucket key per sample index
     sampler = KeyedBatchSampler(BucketBatchSampler(inputs.bucket_keys, inputs.batch_size, seed))
-    dataset = TrainingDataset(index, seed, max_train_steps)
+    dataset = TrainingDataset(index, seed, max_train_steps)        # + latent_cache= / text_cache= (optional,
+                                                                   #   filled by library.dataset_caching)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=n)
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch, first_step=global_step)
@@ -45,7 +46,8 @@ Where this differs from kohya-ss/sd-scripts (reference §2.2-2.4):
   misaligning them by the bucket's aspect error), so ``random_crop`` is allowed for ControlNet.
 * Without ``enable_bucket`` the one bucket is the resolution, and images are resized to cover it and
   cropped; kohya asserts on images of another size unless random_crop/face-crop is on.
-* Not implemented: ``cache_info``, face-crop file names and ``face_crop_aug_range``, validation splits.
+* Not implemented: ``cache_info`` (the config schema rejects it), face-crop file names and
+  ``face_crop_aug_range``, validation splits.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from library.buckets import BucketAssignment, BucketSet, Size, cover_resize, make_bucket_set
+from library.cache import CachedLatents, TextEncoderOutputCache, load_cached_latents
 from library.captions import build_prompt
+from library.dataset_caching import LatentCacheLocation, raise_if_not_cacheable
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.images import (
     IMAGE_EXTENSIONS,
@@ -759,15 +763,23 @@ def sample_rng(seed: int, epoch: int, index: int, purpose: str) -> random.Random
 
 @dataclass(frozen=True)
 class Sample:
-    """One training sample, before collation."""
+    """One training sample, before collation.
 
-    pixel_values: torch.Tensor  # (3, H, W) in [-1, 1]
+    With a latent cache, ``pixel_values`` is None and ``cached`` holds the latents with the SDXL size
+    conditioning of the crop they were made from; ``plan`` is then the centre crop and this draw's flip
+    (what a conditioning image is cropped with).
+    """
+
+    pixel_values: torch.Tensor | None  # (3, H, W) in [-1, 1]; None with cached latents
     caption: str
     plan: CropPlan
     is_reg: bool
     image_path: str
     alpha_mask: torch.Tensor | None  # (H, W) in [0, 1]
     conditioning_pixel_values: torch.Tensor | None  # (3, H, W) in [-1, 1]
+    cached: CachedLatents | None = None  # from the latent cache
+    text_hidden_states: torch.Tensor | None = None  # (L, D) from the text-encoder output cache
+    text_pooled: torch.Tensor | None = None  # (P,) SDXL only
 
 
 def load_sample_pixels(record: ImageRecord, rng: random.Random
@@ -789,23 +801,54 @@ def load_sample_pixels(record: ImageRecord, rng: random.Random
     return to_tensor(image), plan, mask, cond
 
 
+def load_sample_latents(record: ImageRecord, location: LatentCacheLocation, rng: random.Random
+                        ) -> tuple[CachedLatents, CropPlan, torch.Tensor | None]:
+    """The cached latents of one draw (the flipped ones when this draw flips) and the conditioning image
+    cropped to match. The flip comes from the same ``plan_crop`` draw as the pixel path makes, so a seed
+    flips the same samples with and without the cache."""
+    if record.bucket is None:
+        raise ValueError(f"{record.image_path}: no bucket assigned")
+    plan = plan_crop(record.image_size, record.bucket.bucket, random_crop=False, flip_aug=record.subset.flip_aug,
+                     rng=rng)
+    path = location.path_for(record)
+    try:
+        cached = load_cached_latents(path, flipped=plan.flipped)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no cached latents for {record.image_path}; fill the cache first "
+                                "(dataset_caching.fill_latent_caches)") from None
+    cond = None
+    if record.conditioning_path is not None:
+        cond = to_tensor(apply_crop_plan(load_rgb(record.conditioning_path), plan))
+    return cached, plan, cond
+
+
 class TrainingDataset(Dataset):
     """Map-style dataset over sample indices (records with repeats expanded), fetched by SampleKey.
 
     Each fetch builds the prompt (``build_prompt`` with the subset's CaptionOptions) and the pixels;
     randomness comes only from (seed, epoch, index), so any worker count gives the same samples.
     An int index is accepted too (epoch 1, step 0), for inspection.
+
+    ``latent_cache``: read latents from these npz files instead of decoding images; ``text_cache``: attach
+    the text-encoder outputs of each sample's prompt. Both are read in the worker, and both must have been
+    filled first (``library.dataset_caching``); options the caches would freeze are refused here too.
     """
 
-    def __init__(self, index: DatasetIndex, seed: int, max_train_steps: int = 0) -> None:
+    def __init__(self, index: DatasetIndex, seed: int, max_train_steps: int = 0,
+                 latent_cache: LatentCacheLocation | None = None,
+                 text_cache: TextEncoderOutputCache | None = None) -> None:
         """``max_train_steps``: the planned total, for a fractional token_warmup_step."""
         index.raise_for_problems()
         if any(record.bucket is None for record in index.records):
             raise ValueError("records have no bucket yet: call assign_buckets (or build_dataset_index) first")
+        if latent_cache is not None or text_cache is not None:
+            raise_if_not_cacheable(index, latent_cache is not None, text_cache is not None, latent_cache)
         self.records = index.records
         self.sample_to_record = expand_repeats(index.records)
         self.seed = seed
         self.max_train_steps = max_train_steps
+        self.latent_cache = latent_cache
+        self.text_cache = text_cache
 
     def __len__(self) -> int:
         return len(self.sample_to_record)
@@ -822,45 +865,80 @@ class TrainingDataset(Dataset):
             record.caption, record.tags, record.subset.captions,
             sample_rng(self.seed, key.epoch, key.index, "caption"), key.epoch, key.step, self.max_train_steps,
         )
-        pixels, plan, mask, cond = load_sample_pixels(record, sample_rng(self.seed, key.epoch, key.index, "image"))
+        rng = sample_rng(self.seed, key.epoch, key.index, "image")
+        cached = None
+        if self.latent_cache is None:
+            pixels, plan, mask, cond = load_sample_pixels(record, rng)
+        else:
+            cached, plan, cond = load_sample_latents(record, self.latent_cache, rng)
+            pixels, mask = None, cached.alpha_mask if record.subset.alpha_mask else None
+        hidden = pooled = None
+        if self.text_cache is not None:
+            hidden, pooled = self.text_cache.get(caption)
         return Sample(pixel_values=pixels, caption=caption, plan=plan, is_reg=record.is_reg,
-                      image_path=str(record.image_path), alpha_mask=mask, conditioning_pixel_values=cond)
+                      image_path=str(record.image_path), alpha_mask=mask, conditioning_pixel_values=cond,
+                      cached=cached, text_hidden_states=hidden, text_pooled=pooled)
 
 
 def _long(rows: list[tuple[int, int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), 2)
 
 
+def _all_or_none(values: Sequence[torch.Tensor | None], what: str) -> torch.Tensor | None:
+    """Stack when every sample has the tensor, None when none has; a mix is a bug upstream."""
+    present = [v is not None for v in values]
+    if not any(present):
+        return None
+    if not all(present):
+        raise ValueError(f"some samples of the batch have {what} and some do not")
+    return torch.stack(values)  # type: ignore[arg-type]
+
+
 def collate_samples(samples: Sequence[Sample]) -> dict[str, Any]:
     """Stack one bucket's samples into the batch dict the trainer reads.
 
-    Keys: pixel_values (B,3,H,W) float; captions list[str]; original_sizes_hw, crop_top_lefts,
-    target_sizes_hw (B,2) long, (h, w) / (top, left) order as SDXL wants; flipped, is_reg (B,) bool;
-    alpha_masks (B,H,W) or None (ones for samples without a mask when others have one);
-    conditioning_pixel_values (B,3,H,W) or None; image_paths list[str].
+    Keys: pixel_values (B,3,H,W) float, or None with cached latents; latents (B,C,H/8,W/8) float32 unscaled
+    (multiply by the VAE scaling factor) or None; captions list[str]; original_sizes_hw, crop_top_lefts,
+    target_sizes_hw (B,2) long, (h, w) / (top, left) order as SDXL wants (from the cache file with cached
+    latents); flipped, is_reg (B,) bool; alpha_masks (B,H,W) or None (ones for samples without a mask when
+    others have one); conditioning_pixel_values (B,3,H,W) or None; text_hidden_states (B,L,D) and
+    text_pooled (B,P) (SDXL) from the text-encoder cache, or None; image_paths list[str].
     """
     if not samples:
         raise ValueError("empty batch")
-    shapes = {tuple(sample.pixel_values.shape) for sample in samples}
+    cached = [sample.cached is not None for sample in samples]
+    if any(cached) and not all(cached):
+        raise ValueError("some samples of the batch have cached latents and some do not")
+    if all(cached):
+        shapes = {tuple(sample.cached.latents.shape) for sample in samples}  # type: ignore[union-attr]
+        geometry = [sample.cached for sample in samples]
+    else:
+        shapes = {tuple(sample.pixel_values.shape) for sample in samples}  # type: ignore[union-attr]
+        geometry = [sample.plan for sample in samples]
     if len(shapes) != 1:
         raise ValueError(f"a batch must hold one bucket size, got {sorted(shapes)}: use the bucket batch sampler")
-    height, width = samples[0].pixel_values.shape[1:]
+    height, width = geometry[0].target_size_hw  # type: ignore[union-attr]
     masks = None
     if any(sample.alpha_mask is not None for sample in samples):
         masks = torch.stack([s.alpha_mask if s.alpha_mask is not None else torch.ones(height, width)
                              for s in samples])
-    conds = [sample.conditioning_pixel_values for sample in samples]
-    if any(c is None for c in conds) and not all(c is None for c in conds):
-        raise ValueError("some samples of the batch have a conditioning image and some do not")
+    if all(cached):
+        pixels, latents = None, torch.stack([s.cached.latents for s in samples])  # type: ignore[union-attr]
+    else:
+        pixels, latents = torch.stack([s.pixel_values for s in samples]), None  # type: ignore[misc]
     return {
-        "pixel_values": torch.stack([sample.pixel_values for sample in samples]),
+        "pixel_values": pixels,
+        "latents": latents,
         "captions": [sample.caption for sample in samples],
-        "original_sizes_hw": _long([sample.plan.original_size_hw for sample in samples]),
-        "crop_top_lefts": _long([sample.plan.crop_top_left for sample in samples]),
-        "target_sizes_hw": _long([sample.plan.target_size_hw for sample in samples]),
-        "flipped": torch.tensor([sample.plan.flipped for sample in samples], dtype=torch.bool),
+        "original_sizes_hw": _long([g.original_size_hw for g in geometry]),  # type: ignore[union-attr]
+        "crop_top_lefts": _long([g.crop_top_left for g in geometry]),  # type: ignore[union-attr]
+        "target_sizes_hw": _long([g.target_size_hw for g in geometry]),  # type: ignore[union-attr]
+        "flipped": torch.tensor([g.flipped for g in geometry], dtype=torch.bool),  # type: ignore[union-attr]
         "is_reg": torch.tensor([sample.is_reg for sample in samples], dtype=torch.bool),
         "alpha_masks": masks,
-        "conditioning_pixel_values": None if conds[0] is None else torch.stack(conds),  # type: ignore[arg-type]
+        "conditioning_pixel_values": _all_or_none([s.conditioning_pixel_values for s in samples],
+                                                  "a conditioning image"),
+        "text_hidden_states": _all_or_none([s.text_hidden_states for s in samples], "cached text-encoder outputs"),
+        "text_pooled": _all_or_none([s.text_pooled for s in samples], "cached pooled text-encoder outputs"),
         "image_paths": [sample.image_path for sample in samples],
     }

@@ -8,6 +8,12 @@ can take, caption/tag coverage and every problem (missing, corrupt or mis-captio
 with status 1 when there is a problem. The checks are the training start-up's own:
 ``library.datasets.build_dataset_index``. The core, :func:`check_datasets`, returns a :class:`CheckReport`.
 
+Caches: with --cache_latents_to_disk it also counts the images whose npz is valid / missing / stale (as
+training judges them: same bucket and crop, image unchanged) and lists the stale ones with the reason;
+with any --cache_* flag it reports the dataset options that caching would refuse (random_crop, color_aug,
+caption shuffling, ...). The npz names depend on the family: without --family/--v2 the SDXL names
+(``_sdxl.npz``) are checked.
+
 Bucket steps: SDXL needs bucket_reso_steps to be a multiple of 32, SD1/SD2 of 64. Without a model the
 tool uses ``--family`` (or ``--v2``) to pick the rule and otherwise assumes 32, the more permissive one.
 ``--config_file`` accepts model, dataset and config keys only (a full training config has keys this tool
@@ -19,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `library` importable
@@ -27,6 +33,13 @@ if __package__ in (None, ""):  # run as a script: make `library` importable
 
 from library.buckets import Size  # noqa: E402
 from library.config import add_dataset_arguments, add_model_arguments, build_parser, parse_args  # noqa: E402
+from library.dataset_caching import (  # noqa: E402
+    LatentCacheLocation,
+    check_cacheable,
+    latent_cache_mode,
+    latent_cache_status,
+    text_cache_mode,
+)
 from library.dataset_config import DatasetConfig, DatasetConfigError  # noqa: E402
 from library.datasets import DatasetIndex, ImageRecord, Problem, build_dataset_index, format_problems  # noqa: E402
 
@@ -56,6 +69,21 @@ class CaptionCoverage:
 
 
 @dataclass(frozen=True)
+class LatentCacheReport:
+    """State of the on-disk latent cache, one entry per image (not per repeat)."""
+
+    valid: int
+    missing: int
+    stale: tuple[tuple[Path, str], ...]  # (npz file, why it would be rebuilt)
+
+    def format(self) -> str:
+        lines = [f"latent cache: {self.valid} valid, {self.missing} missing, {len(self.stale)} stale "
+                 "(missing and stale ones are encoded at the start of training)"]
+        lines += [f"  stale: {path}: {reason}" for path, reason in self.stale]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class CheckReport:
     """Everything the tool prints, as values (tests assert on these)."""
 
@@ -68,11 +96,13 @@ class CheckReport:
     dropped: tuple[Path, ...]  # images no bucket can take
     coverage: CaptionCoverage
     problems: tuple[Problem, ...]
+    latent_cache: LatentCacheReport | None = None  # with --cache_latents_to_disk
+    cache_problems: tuple[str, ...] = ()  # options the requested caches refuse
 
     @property
     def ok(self) -> bool:
         """True when training would start."""
-        return not self.problems
+        return not self.problems and not self.cache_problems
 
     def format(self) -> str:
         """The human-readable report."""
@@ -93,7 +123,15 @@ class CheckReport:
         if self.unused_reg_images:
             lines.append("unused regularisation images:")
             lines += [f"  {path}" for path in self.unused_reg_images]
-        lines.append(format_problems(self.problems) if self.problems else "no problems found")
+        if self.latent_cache is not None:
+            lines.append(self.latent_cache.format())
+        if self.cache_problems:
+            lines.append(f"{len(self.cache_problems)} caching problem(s):")
+            lines += [f"  - {problem}" for problem in self.cache_problems]
+        if self.problems:
+            lines.append(format_problems(self.problems))
+        elif not self.cache_problems:
+            lines.append("no problems found")
         return "\n".join(lines)
 
 
@@ -140,9 +178,32 @@ def report_from_index(index: DatasetIndex) -> CheckReport:
     )
 
 
-def check_datasets(datasets: Sequence[DatasetConfig], min_step: int = 32, verify_images: bool = True) -> CheckReport:
-    """The tool's core: build the index exactly as training does and summarise it."""
-    return report_from_index(build_dataset_index(datasets, min_step=min_step, verify_images=verify_images))
+def latent_cache_report(index: DatasetIndex, location: LatentCacheLocation) -> LatentCacheReport:
+    """Count the images' npz files by state (``cache.check_latent_cache``, as training would)."""
+    states = [(path, status) for _, path, status in latent_cache_status(index, location)]
+    return LatentCacheReport(
+        valid=sum(status.state == "valid" for _, status in states),
+        missing=sum(status.state == "missing" for _, status in states),
+        stale=tuple((path, status.reason) for path, status in states if status.state == "stale"),
+    )
+
+
+def check_datasets(datasets: Sequence[DatasetConfig], min_step: int = 32, verify_images: bool = True, *,
+                   disk_latents: LatentCacheLocation | None = None, cache_latents: bool = False,
+                   cache_text: bool = False) -> CheckReport:
+    """The tool's core: build the index exactly as training does and summarise it.
+
+    ``disk_latents``: also report the state of the npz files there (implies ``cache_latents``);
+    ``cache_latents`` / ``cache_text``: report the options those caches refuse.
+    """
+    index = build_dataset_index(datasets, min_step=min_step, verify_images=verify_images)
+    report = report_from_index(index)
+    cache_latents = cache_latents or disk_latents is not None
+    cache_problems = tuple(check_cacheable(index, cache_latents, cache_text, disk_latents))
+    latent_report = None
+    if disk_latents is not None and not cache_problems:
+        latent_report = latent_cache_report(index, disk_latents)
+    return replace(report, latent_cache=latent_report, cache_problems=cache_problems)
 
 
 def min_step_for(args: argparse.Namespace) -> int:
@@ -174,7 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetConfigError as error:
         print(f"dataset config error: {error}", file=sys.stderr)
         return 2
-    report = check_datasets(datasets, min_step=min_step_for(args), verify_images=not args.skip_verify)
+    min_step = min_step_for(args)
+    latent_mode = latent_cache_mode(args)
+    is_sdxl = min_step == 32  # the family's npz suffix: SDXL unless --family sd15/sd21 or --v2
+    disk_latents = LatentCacheLocation(is_sdxl=is_sdxl) if latent_mode == "disk" else None
+    report = check_datasets(datasets, min_step=min_step, verify_images=not args.skip_verify,
+                            disk_latents=disk_latents, cache_latents=latent_mode is not None,
+                            cache_text=text_cache_mode(args) is not None)
     print(report.format())
     return 0 if report.ok else 1
 

@@ -1,0 +1,96 @@
+"""Fill the text-encoder output cache for a dataset ahead of training (kohya's tools/cache_text_encoder_outputs.py).
+
+    python tools/cache_text_encoder_outputs.py --pretrained_model_name_or_path MODEL \\
+        --dataset_config data.toml [--max_token_length 225] [--clip_skip 2] [--text_encoder_cache_dir DIR]
+
+Takes the training scripts' model and dataset flags (and --config_file, so a training config's model and
+dataset keys work), builds the dataset exactly as training does, computes every record's final prompt
+(caption/tags merged, prefix/suffix, separators; see ``library.dataset_caching``) and encodes the ones the
+cache does not have yet (plus the empty prompt, for caption dropout). Train with the same model, flags and
+``--cache_text_encoder_outputs_to_disk`` to use them.
+
+The cache folder: ``--text_encoder_cache_dir``, default ``<first subset's image_dir>/.te_cache`` (beside
+its metadata file for a fine-tuning subset without image_dir), the same default training uses. Entries are
+keyed by prompt text + tokenizers + max_token_length + clip_skip + a hash of the encoder weights, so a
+changed caption or setting is a miss, never a wrong embedding; one folder can serve several models.
+
+Refuses (exit status 2, every reason listed) datasets whose prompts change between draws: shuffle_caption,
+token warm-up, tag dropout, caption_tag_mode "random", wildcard choices. Caption dropout is fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a script: make `library` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from library.config import (  # noqa: E402
+    add_dataset_arguments,
+    add_model_arguments,
+    build_parser,
+    parse_args,
+    positive_int,
+)
+from library.dataset_caching import (  # noqa: E402
+    NotCacheableError,
+    dataset_prompts,
+    default_text_cache_dir,
+    fill_text_cache,
+    raise_if_not_cacheable,
+)
+from library.dataset_config import DatasetConfigError, load_dataset_configs  # noqa: E402
+from library.datasets import DatasetProblems, load_dataset_index  # noqa: E402
+from library.models import ModelLoadError, load_model  # noqa: E402
+from library.text_encoding import PromptEncoder  # noqa: E402
+
+
+def build_cache_parser() -> argparse.ArgumentParser:
+    """The training scripts' model and dataset flags (and --config_file), plus the encoding batch size."""
+    parser = build_parser("Fill the text-encoder output cache of a dataset.", add_model_arguments,
+                          add_dataset_arguments)
+    group = parser.add_argument_group("text encoder cache")
+    group.add_argument("--text_encoder_batch_size", type=positive_int, default=8, help="prompts per encoder batch")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 when the cache holds every prompt of the dataset, 2 on a config/dataset/model problem."""
+    parser = build_cache_parser()
+    args = parse_args(parser, argv)
+    if args.pretrained_model_name_or_path is None:
+        parser.error("--pretrained_model_name_or_path is required: the text encoders come from the model")
+    try:
+        datasets = load_dataset_configs(args)
+        # Pixels are not read here: header sizes are enough for the records (training verifies the files);
+        # buckets do not matter for prompts, so the permissive SDXL step rule is used.
+        index = load_dataset_index(datasets, min_step=32, verify_images=False)
+        raise_if_not_cacheable(index, cache_latents=False, cache_text=True)  # before the slow model load
+    except (DatasetConfigError, DatasetProblems, NotCacheableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    family = args.family or ("sd21" if args.v2 else None)
+    try:
+        model = load_model(args.pretrained_model_name_or_path, family=family, vae=None)
+    except (ModelLoadError, ValueError) as error:
+        print(f"model error: {error}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoders = [encoder.to(device).eval() for encoder in model.text_encoders]
+    encoder = PromptEncoder(family=model.family.name, tokenizers=model.tokenizers, text_encoders=encoders,
+                            max_token_length=args.max_token_length or 75, clip_skip=args.clip_skip)
+    cache_dir = Path(args.text_encoder_cache_dir) if args.text_encoder_cache_dir else default_text_cache_dir(datasets)
+    cache = fill_text_cache(index, encoder, cache_dir, batch_size=args.text_encoder_batch_size)
+    prompts = dataset_prompts(index)
+    print(f"{len(index.records)} images, {len(prompts)} distinct prompts; cache {cache.folder} holds "
+          f"{len(cache)} entries")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
