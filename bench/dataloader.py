@@ -31,8 +31,8 @@ from library.datasets import (  # noqa: E402
     TrainingDataset,
     build_bucket_sampler_inputs,
     collate_samples,
-    load_dataset_index,
 )
+from library.records import load_dataset_index  # noqa: E402
 
 SIZES = [(1024, 1024), (1024, 768), (768, 1024), (1024, 576), (576, 1024), (1024, 832), (832, 1024), (1024, 680)]
 

@@ -48,7 +48,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -66,12 +66,11 @@ from library.cache import (
     text_encoder_cache_identity,
 )
 from library.captions import CaptionOptions, build_prompt, is_caption_random, merge_caption_and_tags
+from library.dataset_config import DatasetConfig
 from library.images import CropPlan, apply_crop_plan, load_image, mask_to_tensor, plan_crop, to_tensor
+from library.records import DatasetIndex, ImageRecord
 from library.text_encoding import PromptEncoder
 
-if TYPE_CHECKING:  # datasets imports this module; types only, to keep the import graph acyclic
-    from library.dataset_config import DatasetConfig
-    from library.datasets import DatasetIndex, ImageRecord
 
 CacheMode = Literal["disk", "run"]
 TEXT_CACHE_FOLDER = ".te_cache"

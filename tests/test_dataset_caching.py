@@ -38,8 +38,8 @@ from library.datasets import (
     TrainingDataset,
     build_bucket_sampler_inputs,
     collate_samples,
-    load_dataset_index,
 )
+from library.records import load_dataset_index
 from library.models import load_model
 from library.text_encoding import PromptEncoder
 from tools import cache_text_encoder_outputs, check_dataset, prepare_buckets_latents

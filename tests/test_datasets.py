@@ -1,4 +1,4 @@
-"""Records, start-up checks, image transforms and batches of library/datasets.py + library/images.py."""
+"""Records, start-up checks, image transforms and batches: library/records.py, library/datasets.py, library/images.py."""
 
 from __future__ import annotations
 
@@ -17,16 +17,13 @@ from library.captions import CaptionOptions
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.datasets import (
     BucketKey,
-    DatasetProblems,
     KeyedBatchSampler,
     SampleKey,
     TrainingDataset,
     build_bucket_sampler_inputs,
-    build_dataset_index,
     collate_samples,
-    collect_records,
-    load_dataset_index,
 )
+from library.records import DatasetProblems, build_dataset_index, collect_records, load_dataset_index
 from library.images import CropPlan, apply_crop_plan, load_image, plan_crop, read_image_size, verify_image
 
 # --------------------------------------------------------------------------------------------------

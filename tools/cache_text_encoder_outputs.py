@@ -45,7 +45,7 @@ from library.dataset_caching import (  # noqa: E402
     raise_if_not_cacheable,
 )
 from library.dataset_config import DatasetConfigError, load_dataset_configs  # noqa: E402
-from library.datasets import DatasetProblems, load_dataset_index  # noqa: E402
+from library.records import DatasetProblems, load_dataset_index  # noqa: E402
 from library.models import ModelLoadError, load_model  # noqa: E402
 from library.text_encoding import PromptEncoder  # noqa: E402
 

@@ -6,7 +6,7 @@
 Prints image/repeat/reg counts, the per-bucket histogram (with upscaled images) and the images no bucket
 can take, caption/tag coverage and every problem (missing, corrupt or mis-captioned files), and exits
 with status 1 when there is a problem. The checks are the training start-up's own:
-``library.datasets.build_dataset_index``. The core, :func:`check_datasets`, returns a :class:`CheckReport`.
+``library.records.build_dataset_index``. The core, :func:`check_datasets`, returns a :class:`CheckReport`.
 
 Caches: with --cache_latents_to_disk it also counts the images whose npz is valid / missing / stale (as
 training judges them: same bucket and crop, image unchanged) and lists the stale ones with the reason;
@@ -41,7 +41,13 @@ from library.dataset_caching import (  # noqa: E402
     text_cache_mode,
 )
 from library.dataset_config import DatasetConfig, DatasetConfigError  # noqa: E402
-from library.datasets import DatasetIndex, ImageRecord, Problem, build_dataset_index, format_problems  # noqa: E402
+from library.records import (  # noqa: E402
+    DatasetIndex,
+    ImageRecord,
+    Problem,
+    build_dataset_index,
+    format_problems,
+)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from library.cache import LatentJob, fill_latent_cache  # noqa: E402
 from library.config import MIXED_PRECISION_CHOICES, positive_int  # noqa: E402
 from library.dataset_caching import latent_job_for, load_job_pixels  # noqa: E402
 from library.dataset_config import DatasetConfig, parse_resolution  # noqa: E402
-from library.datasets import make_dataset_bucket_set  # noqa: E402
+from library.records import make_dataset_bucket_set  # noqa: E402
 from library.images import read_image_size  # noqa: E402
 from library.metadata import (  # noqa: E402
     MetadataError,
