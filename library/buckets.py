@@ -420,6 +420,9 @@ class BucketBatchSampler(Sampler[list[int]]):
       divide by world_size, the global list is padded by repeating batches from its start, so all
       ranks run the same number of steps (otherwise DDP would hang at the last all-reduce). The
       summary reports how many were repeated.
+    * ``batches_per_step`` (gradient accumulation) pads each rank's share to a whole number of optimizer
+      steps the same way, so every epoch ends on an optimizer step: no partial accumulation is carried
+      into the next epoch, and an epoch-end checkpoint holds no pending gradients.
     * ``state_dict``/``load_state_dict`` resume exactly mid-epoch. With DataLoader workers the sampler
       runs ahead of training (prefetch), so pass the number of batches the loop actually consumed
       to ``state_dict(batches_done=...)``.
@@ -433,12 +436,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        batches_per_step: int = 1,
     ) -> None:
         """``buckets[i]`` is the bucket key of sample index i (repeats already expanded by the caller)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if batches_per_step <= 0:
+            raise ValueError(f"batches_per_step must be positive, got {batches_per_step}")
+        self.batches_per_step = batches_per_step
         self.batch_size = batch_size
         self.seed = seed
         self.world_size = world_size
@@ -459,7 +466,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         return sum(-(-n // self.batch_size) for n in counts)
 
     def _padded_count(self) -> int:
-        return -(-self._batch_count() // self.world_size) * self.world_size
+        multiple = self.world_size * self.batches_per_step
+        return -(-self._batch_count() // multiple) * multiple
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batch order of ``epoch`` (all ranks, padding included); the same on every rank."""

@@ -341,3 +341,12 @@ def test_sampler_argument_checks() -> None:
         (batch,) = list(sampler)
         assert sorted(batch) == [0, 1]
     assert tiny[0].summary().repeated_batches == 2
+
+
+def test_accumulation_pads_each_rank_to_whole_optimizer_steps() -> None:
+    """5 single-sample batches, 2 ranks x 2 accumulation steps: 8 batches, each rank 4 = 2 optimizer steps."""
+    sampler = BucketBatchSampler(["a"] * 5, batch_size=1, seed=0, world_size=2, rank=0, batches_per_step=2)
+    assert len(sampler) == 4
+    assert len(sampler.epoch_batches(1)) == 8
+    assert sampler.summary().repeated_batches == 3
+    assert sorted(i for b in sampler.epoch_batches(1)[:5] for i in b) == [0, 1, 2, 3, 4]

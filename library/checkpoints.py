@@ -1,0 +1,179 @@
+"""When to save, what the files are called, and training state that resumes exactly.
+
+Names follow kohya so existing habits and scripts keep working:
+``{output_name}-{epoch:06d}`` for epoch saves, ``{output_name}-step{step:08d}`` for step saves and
+``{output_name}`` for the final save; training state goes into a folder of the same name plus ``-state``.
+
+Unlike kohya, ``--save_state`` state holds the whole position of the run (optimizer step, epoch, batches
+consumed in the epoch, the seed), and ``--resume`` continues from exactly there: the batch sampler skips
+the consumed batches and every random draw is seeded from (seed, step), so an interrupted and resumed run
+ends with the same weights as an uninterrupted one. State folders are written under a temporary name and
+renamed, so a kill during a save never leaves a half-written state that a later ``--resume`` would trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+TRAIN_STATE_FILE = "train_state.json"
+STATE_SUFFIX = "-state"
+
+
+@dataclass(frozen=True)
+class SaveSettings:
+    output_dir: Path
+    output_name: str
+    extension: str  # ".safetensors", ".ckpt", ".pt" or "" for a diffusers folder
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    last_n_steps: int | None = None  # keep only saves from the last N steps (kohya: a step distance, not a count)
+    last_n_epochs: int | None = None  # keep only the last N epoch saves
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    last_n_steps_state: int | None = None
+    last_n_epochs_state: int | None = None
+
+    @staticmethod
+    def from_args(args: argparse.Namespace, extension: str) -> "SaveSettings":
+        output_name = args.output_name or "last"
+        return SaveSettings(
+            output_dir=Path(args.output_dir), output_name=output_name, extension=extension,
+            every_n_steps=args.save_every_n_steps or None, every_n_epochs=args.save_every_n_epochs or None,
+            last_n_steps=args.save_last_n_steps or None, last_n_epochs=args.save_last_n_epochs or None,
+            save_state=bool(args.save_state), save_state_on_train_end=bool(args.save_state_on_train_end),
+            last_n_steps_state=getattr(args, "save_last_n_steps_state", None) or None,
+            last_n_epochs_state=getattr(args, "save_last_n_epochs_state", None) or None,
+        )
+
+    def step_name(self, step: int) -> str:
+        return f"{self.output_name}-step{step:08d}"
+
+    def epoch_name(self, epoch: int) -> str:
+        return f"{self.output_name}-{epoch:06d}"
+
+    def model_path(self, name: str) -> Path:
+        return self.output_dir / f"{name}{self.extension}"
+
+    def state_path(self, name: str) -> Path:
+        return self.output_dir / f"{name}{STATE_SUFFIX}"
+
+    def due_at_step(self, step: int) -> bool:
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0
+
+    def due_at_epoch(self, epoch: int, num_epochs: int) -> bool:
+        return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0 and epoch < num_epochs
+
+
+def outdated_step_names(settings: SaveSettings, step: int, keep_last_n_steps: int | None) -> list[str]:
+    """Step saves that fell out of the last-N-steps window (kohya's --save_last_n_steps semantics)."""
+    if not keep_last_n_steps or not settings.every_n_steps:
+        return []
+    cutoff = step - keep_last_n_steps
+    return [settings.step_name(s) for s in range(settings.every_n_steps, max(cutoff, 0) + 1, settings.every_n_steps)
+            if s <= cutoff]
+
+
+def outdated_epoch_names(settings: SaveSettings, epoch: int, keep_last_n_epochs: int | None) -> list[str]:
+    if not keep_last_n_epochs or not settings.every_n_epochs:
+        return []
+    cutoff = epoch - keep_last_n_epochs * settings.every_n_epochs
+    return [settings.epoch_name(e) for e in range(settings.every_n_epochs, cutoff + 1, settings.every_n_epochs)]
+
+
+def remove_paths(paths: list[Path]) -> list[Path]:
+    removed = []
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path)
+        elif path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# training state
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run stands after ``global_step`` optimizer steps."""
+
+    global_step: int
+    epoch: int  # the epoch in progress (1-based); equals the finished epoch at an epoch boundary
+    batches_done_in_epoch: int  # batches this rank consumed in `epoch` (0 at an epoch boundary)
+    seed: int
+    num_processes: int = 1
+    extra: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> "TrainState":
+        data = json.loads(text)
+        return TrainState(**{k: data[k] for k in ("global_step", "epoch", "batches_done_in_epoch", "seed")},
+                          num_processes=data.get("num_processes", 1), extra=data.get("extra"))
+
+
+def save_training_state(accelerator: Any, folder: Path, state: TrainState) -> Path:
+    """accelerate's state (prepared models, optimizer, scheduler, RNG) plus our position, written atomically."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp-saving")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / TRAIN_STATE_FILE).write_text(state.to_json())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def read_training_state(folder: Path) -> TrainState:
+    """Our position file in a state folder; a clear error when the folder is not one of ours."""
+    folder = Path(folder)
+    state_file = folder / TRAIN_STATE_FILE
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--resume {folder}: no such state folder (saved with --save_state as <name>{STATE_SUFFIX})")
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"--resume {folder}: {TRAIN_STATE_FILE} is missing, so the step and epoch to resume from are unknown; "
+            "was this folder written by --save_state of this trainer?"
+        )
+    return TrainState.from_json(state_file.read_text())
+
+
+def load_training_state(accelerator: Any, folder: Path) -> TrainState:
+    state = read_training_state(folder)
+    if state.num_processes != accelerator.num_processes:
+        raise ValueError(
+            f"--resume {folder} was saved with {state.num_processes} process(es) but this run has "
+            f"{accelerator.num_processes}; the data order would differ, so exact resume is impossible"
+        )
+    accelerator.load_state(str(folder))
+    return state
+
+
+def latest_state_folder(output_dir: Path, output_name: str) -> Path | None:
+    """The newest ``{output_name}-step########-state`` or ``-######-state`` folder, for ``--resume auto``."""
+    pattern = re.compile(re.escape(output_name) + r"-(step\d{8}|\d{6})" + re.escape(STATE_SUFFIX) + "$")
+    candidates = [p for p in Path(output_dir).glob(f"{output_name}-*{STATE_SUFFIX}") if pattern.match(p.name)]
+    with_steps = []
+    for path in candidates:
+        try:
+            with_steps.append((read_training_state(path).global_step, path))
+        except (FileNotFoundError, ValueError, KeyError):
+            continue
+    return max(with_steps)[1] if with_steps else None
