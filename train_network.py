@@ -33,10 +33,11 @@ from library.run_setup import (  # noqa: E402
     model_dtypes,
     print_summary,
     start_logging,
+    user_errors,
 )
 from library.models import load_model  # noqa: E402
 from library.text_encoding import EncodedPrompts, PromptEncoder  # noqa: E402
-from library.training import TrainingRun, TrainingStopped, make_plan, train  # noqa: E402
+from library.training import TrainingRun, make_plan, train  # noqa: E402
 from library.training_metadata import per_save_metadata, tag_frequency, training_metadata  # noqa: E402
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -160,6 +161,14 @@ def create_network(args: argparse.Namespace, model: Any, module: Any) -> nn.Modu
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = config.parse_args(parser, argv)
+    try:
+        return train_network(args, parser)
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.output_dir:
         parser.error("--output_dir is required")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
@@ -251,11 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     start_logging(accelerator, args, "network_train" if args.log_tracker_name is None else args.log_tracker_name)
     try:
         final = train(run)
-    except TrainingStopped as stop:
-        accelerator.print(f"error: {stop}")
+    finally:
         accelerator.end_training()
-        return 1
-    accelerator.end_training()
     accelerator.print(f"saved {run.save.model_path(run.save.output_name)} after {final.global_step} steps")
     return 0
 

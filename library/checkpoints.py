@@ -72,12 +72,12 @@ class SaveSettings:
 
 
 def outdated_step_names(settings: SaveSettings, step: int, keep_last_n_steps: int | None) -> list[str]:
-    """Step saves that fell out of the last-N-steps window (kohya's --save_last_n_steps semantics)."""
+    """Step saves that fell out of the last-N-steps window: kohya keeps saves made within N steps of now
+    (one exactly N steps old included) and removes older ones."""
     if not keep_last_n_steps or not settings.every_n_steps:
         return []
-    cutoff = step - keep_last_n_steps
-    return [settings.step_name(s) for s in range(settings.every_n_steps, max(cutoff, 0) + 1, settings.every_n_steps)
-            if s <= cutoff]
+    cutoff = step - keep_last_n_steps - 1
+    return [settings.step_name(s) for s in range(settings.every_n_steps, max(cutoff, 0) + 1, settings.every_n_steps)]
 
 
 def outdated_epoch_names(settings: SaveSettings, epoch: int, keep_last_n_epochs: int | None) -> list[str]:

@@ -27,6 +27,20 @@ from library.records import DatasetIndex, load_dataset_index
 SDXL_BUCKET_STEP, SD_BUCKET_STEP = 32, 64
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's files or flags: reported as one line, not a traceback."""
+    from library.cache import LatentEncodingError
+    from library.dataset_caching import NotCacheableError
+    from library.dataset_config import DatasetConfigError
+    from library.models import ModelLoadError
+    from library.records import DatasetProblems
+    from library.sampling import SamplePromptError
+    from library.training import TrainingStopped
+
+    return (DatasetConfigError, DatasetProblems, NotCacheableError, ModelLoadError, SamplePromptError,
+            LatentEncodingError, TrainingStopped, FileNotFoundError)
+
+
 def peek_family(args: argparse.Namespace) -> str | None:
     """The model family without loading weights (folder config or safetensors header), to check data first."""
     if getattr(args, "family", None):

@@ -1,0 +1,189 @@
+"""train_network.py end to end on the tiny models: files that load in diffusers, exact resume, DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import DiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_network
+from library.checkpoints import read_training_state
+from tools.make_sample_dataset import make_sample_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_sample_dataset(tmp_path_factory.mktemp("data") / "shapes", count=6, size=96, seed=0).parent
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch):
+    """accelerate keeps one process-wide state; each in-process run starts clean."""
+    for name in [n for n in os.environ if n.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(name, raising=False)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def base_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--in_json", str(data / "meta.json"),
+            "--train_data_dir", str(data / "images"), "--resolution", "64", "--enable_bucket",
+            "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--network_dim", "4", "--network_alpha", "2",
+            "--learning_rate", "1e-3", "--seed", "3", "--max_data_loader_n_workers", "0",
+            "--output_dir", str(output), "--output_name", "lora", "--max_train_steps", str(steps), *extra]
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
+def test_trained_lora_loads_in_diffusers_and_changes_the_unet(tiny_model_dirs, sample_data, tmp_path, family, capsys):
+    output = tmp_path / "out"
+    assert train_network.main(base_args(tiny_model_dirs[family], sample_data, output, 3)) == 0
+    printed = capsys.readouterr().out
+    assert "global batch: 1 per device x 1 accumulation x 1 process(es) = 1" in printed
+    assert "optimizer steps: 6 per epoch, 3 in total over 1 epoch(s)" in printed
+    lora = output / "lora.safetensors"
+    tensors = lora_tensors(lora)
+    te_prefix = "lora_te1_" if family == "sdxl" else "lora_te_"
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith(te_prefix) for k in tensors)
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    # up weights start at zero, so every module that took part in a forward pass has moved; SDXL never uses
+    # text encoder 1's last layer (it conditions on the penultimate one), so that layer's modules cannot learn.
+    unused = "lora_te1_text_model_encoder_layers_2_" if family == "sdxl" else None
+    still_zero = sorted(k for k, v in tensors.items() if k.endswith("lora_up.weight") and v.abs().sum() == 0)
+    assert all(unused and k.startswith(unused) for k in still_zero), still_zero
+    assert len(still_zero) == (6 if family == "sdxl" else 0)
+    with safe_open(str(lora), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
+    assert metadata["ss_base_model_version"] == {"sd15": "sd_v1", "sd21": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
+    assert metadata["ss_steps"] == "3" and metadata["ss_num_train_images"] == "6"
+    assert len(metadata["sshs_model_hash"]) == 64
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_model_dirs[family], local_files_only=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    width = pipe.unet.config.cross_attention_dim
+    text = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(1))
+    added = None
+    if family == "sdxl":
+        added = {"text_embeds": torch.zeros(1, pipe.text_encoder_2.config.projection_dim),
+                 "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    with torch.no_grad():
+        before = pipe.unet(latents, 500, text, added_cond_kwargs=added).sample
+        pipe.load_lora_weights(str(lora))
+        after = pipe.unet(latents, 500, text, added_cond_kwargs=added).sample
+    assert (after - before).abs().max() > 1e-6
+
+
+def test_resume_twice_gives_the_same_weights_as_one_run(tiny_model_dirs, sample_data, tmp_path):
+    """6 steps straight == 2 steps, resume to 4, resume to 6 (with dropout and accumulation on)."""
+    extra = ("--network_dropout", "0.2", "--gradient_accumulation_steps", "2", "--save_every_n_steps", "2")
+    model = tiny_model_dirs["sd15"]
+    assert train_network.main(base_args(model, sample_data, tmp_path / "straight", 6, *extra)) == 0
+    assert train_network.main(base_args(model, sample_data, tmp_path / "first", 6, *extra, "--save_state")) == 0
+    step2 = tmp_path / "first" / "lora-step00000002-state"
+    assert read_training_state(step2).global_step == 2
+    assert train_network.main(base_args(model, sample_data, tmp_path / "second", 6, *extra, "--save_state",
+                                        "--resume", str(step2))) == 0
+    step4 = tmp_path / "second" / "lora-step00000004-state"
+    assert read_training_state(step4).global_step == 4
+    assert train_network.main(base_args(model, sample_data, tmp_path / "third", 6, *extra,
+                                        "--resume", str(step4))) == 0
+    straight = lora_tensors(tmp_path / "straight" / "lora.safetensors")
+    resumed = lora_tensors(tmp_path / "third" / "lora.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7)
+    at_step2 = lora_tensors(tmp_path / "first" / "lora-step00000002.safetensors")
+    assert any(not torch.equal(at_step2[k], straight[k]) for k in straight)  # training went on after the save
+
+
+def test_samples_and_tensorboard_logs(tiny_model_dirs, sample_data, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --d 5\n# a comment\na blue square --n blurry --s 2\n")
+    output = tmp_path / "out"
+    args = base_args(tiny_model_dirs["sdxl"], sample_data, output, 4, "--sample_prompts", str(prompts),
+                     "--sample_every_n_steps", "2", "--sample_at_first", "--logging_dir", str(tmp_path / "logs"),
+                     "--max_token_length", "150", "--save_every_n_steps", "1", "--save_last_n_steps", "1")
+    assert train_network.main(args) == 0
+    names = sorted(p.name for p in (output / "sample").glob("*.png"))
+    # kohya's names: at first as epoch 0 ("e000000"), then by step
+    assert [n.split("_")[1:3] for n in names] == [["000002", "00"], ["000002", "01"], ["000004", "00"], ["000004", "01"],
+                                                  ["e000000", "00"], ["e000000", "01"]]
+    assert names[0].endswith("_5.png")
+    # --save_every_n_steps 1 --save_last_n_steps 1 over 4 steps: saves at 1, 2, 3 (4 is the final file); at step 3
+    # the step-1 save is more than 1 step old and removed, as kohya does
+    assert sorted(p.name for p in output.glob("*.safetensors")) == [
+        "lora-step00000002.safetensors", "lora-step00000003.safetensors", "lora.safetensors"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = list((tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert event_files
+    scalars = EventAccumulator(str(event_files[0].parent)).Reload().Tags()["scalars"]
+    assert "loss/current" in scalars and "lr" in scalars
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_model_dirs, sample_data, tmp_path, capsys):
+    output = tmp_path / "out"
+    args = base_args(tiny_model_dirs["sd15"], sample_data, output, 6, "--learning_rate", "1e35", "--optimizer_type",
+                     "SGDNesterov", "--max_grad_norm", "0")
+    assert train_network.main(args) == 1
+    err = capsys.readouterr().err
+    assert "the loss became NaN/inf at step" in err
+    states = list(output.glob("lora-nan-step*-state"))
+    assert len(states) == 1
+    state = read_training_state(states[0])
+    saved = lora_tensors(output / f"{states[0].name[:-len('-state')]}.safetensors")
+    assert state.global_step >= 1
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not (output / "lora.safetensors").exists()
+
+
+def test_dataset_problems_are_reported_before_the_model_is_loaded(sample_data, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    (broken / "images").mkdir(parents=True)
+    (broken / "images" / "bad.png").write_bytes(b"not a png")
+    (broken / "meta.json").write_text(json.dumps({"bad": {"caption": "x"}, "missing": {"caption": "y"}}))
+    args = base_args(tmp_path / "no_such_model", broken, tmp_path / "out", 1)
+    assert train_network.main(args) == 1
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "missing" in err
+    assert "no_such_model" not in err  # the data was checked first
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_deepspeed_zero2_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path):
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(ROOT / "train_network.py"),
+               *base_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--deepspeed", "--zero_stage", "2")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "x 2 process(es) = 2" in result.stdout
+    tensors = lora_tensors(output / "lora.safetensors")
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert ups and all(v.abs().sum() > 0 for v in ups)
