@@ -210,6 +210,7 @@ def print_summary(accelerator: Any, args: argparse.Namespace, model: StableDiffu
         f"model: {args.pretrained_model_name_or_path} ({model.family.name}, {model.prediction_type})",
         f"data: {len(data.datasets)} dataset(s), resolution {data.resolution[0]}x{data.resolution[1]}, "
         f"batch {data.batch_size}",
+        "buckets (WxH: samples): " + ", ".join(f"{k}: {v}" for k, v in sorted(data.bucket_info()["buckets"].items())),
         plan.format(),
         f"optimizer: {optimizer_description}; lr scheduler {args.lr_scheduler}",
         f"mixed precision: {args.mixed_precision}; gradient checkpointing: {bool(args.gradient_checkpointing)}",

@@ -1,4 +1,4 @@
-"""The README's first command runs the demo: it must finish and produce real outputs."""
+"""The README's first command runs the demo: it must train a LoRA that a real client loads."""
 
 from __future__ import annotations
 
@@ -10,17 +10,24 @@ from safetensors import safe_open
 from tools import demo
 
 
-def test_demo_builds_converts_encodes_and_samples(tmp_path: Path, capsys) -> None:
-    assert demo.main(["--output_dir", str(tmp_path / "demo")]) == 0
+def test_demo_trains_a_lora_that_diffusers_loads(tmp_path: Path, capsys) -> None:
+    assert demo.main(["--output_dir", str(tmp_path / "demo"), "--steps", "4"]) == 0
     out = tmp_path / "demo"
-    assert (out / "tiny_sdxl" / "model_index.json").is_file()
     with safe_open(out / "tiny_sdxl.safetensors", "pt") as handle:
         assert "conditioner.embedders.1.model.text_projection" in handle.keys()
-    with Image.open(out / "sample.png") as image:
+    lora = out / "lora" / "shapes_lora.safetensors"
+    with safe_open(lora, "pt") as handle:
+        keys = list(handle.keys())
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+    assert (out / "lora" / "shapes_lora-step00000002.safetensors").is_file()
+    samples = sorted((out / "lora" / "sample").glob("*.png"))
+    assert len(samples) == 6  # 3 prompts at steps 2 and 4
+    with Image.open(out / "diffusers_with_lora.png") as image:
         assert image.size == (64, 64)
     printed = capsys.readouterr().out
-    assert "reloaded UNet identical: True" in printed
-    assert "3 chunks of 77 -> hidden states (1, 227, 80)" in printed
+    assert f"LoRA: {lora}" in printed
+    assert "optimizer steps: 12 per epoch, 4 in total over 1 epoch(s)" in printed
 
 
 def test_demo_never_writes_into_a_used_folder(tmp_path: Path) -> None:

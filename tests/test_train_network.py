@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import DiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -26,18 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_sample_dataset(tmp_path_factory.mktemp("data") / "shapes", count=6, size=96, seed=0).parent
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch):
-    """accelerate keeps one process-wide state; each in-process run starts clean."""
-    for name in [n for n in os.environ if n.startswith("ACCELERATE_")]:
-        monkeypatch.delenv(name, raising=False)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def base_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:

@@ -1,9 +1,12 @@
-"""End-to-end demo on an embedded tiny SDXL model: no download, a few seconds on a CPU.
+"""End-to-end demo: train a LoRA on the embedded tiny SDXL model, on a generated dataset, on a CPU.
 
-    python tools/demo.py [--output_dir demo_output]
+    python tools/demo.py [--output_dir demo_output] [--steps 40]
 
-Builds the tiny model, writes it as an A1111/ComfyUI-style single file and reads it back, encodes a long
-(>75 token) prompt the A1111 way, and samples a 64 px image through diffusers with those embeddings.
+1. builds the tiny SDXL model and writes it as an A1111/ComfyUI-style single-file checkpoint;
+2. generates a captioned dataset of shapes at several aspect ratios, with a kohya metadata JSON
+   (captions and tags);
+3. runs train_network.py on it (buckets, long prompts, sample images, TensorBoard logs);
+4. loads the trained LoRA with diffusers' own `load_lora_weights` to show the file is standard.
 """
 
 from __future__ import annotations
@@ -21,18 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+import train_network  # noqa: E402
 from library.models import load_model, save_single_file  # noqa: E402
-from library.text_encoding import PromptEncoder  # noqa: E402
-from library.tiny_models import make_tiny_model  # noqa: E402
+from library.tiny_models import build_tiny_model  # noqa: E402
+from tools.make_sample_dataset import make_sample_dataset  # noqa: E402
 
-LONG_PROMPT = (
-    "a watercolor painting of a lighthouse on a rocky island at dawn, soft pink and orange sky, gentle waves, "
-    "seagulls circling the tower, a small wooden boat moored at the pier, fishermen mending nets, morning mist "
-    "over the water, distant mountains, pine trees on the cliffs, warm light through the lantern room, "
-    "highly detailed, muted palette, textured paper, loose brush strokes, wet-on-wet washes, granulating pigments, "
-    "a flock of birds above the horizon, reflections of the lighthouse shimmering on the calm sea, an old stone "
-    "wall along the path, wildflowers between the rocks"
-)
+SAMPLE_PROMPTS = """\
+# one prompt per line, with kohya's inline options
+a red circle on a white background --w 64 --h 64 --s 8 --d 1
+a blue square on a black background --n blurry --w 96 --h 64 --s 8 --d 2
+a yellow triangle on a grey background, a simple flat illustration of a single shape centred in the frame, \
+clean edges, plain colours, no texture, no shadow, no gradient, high contrast between the shape and the \
+background, in the style of a children's picture book, drawn with a thick marker --w 64 --h 96 --s 8 --d 3
+"""
 
 
 def fresh_dir(base: Path) -> Path:
@@ -48,39 +52,46 @@ def fresh_dir(base: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output")
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
     out = fresh_dir(Path(args.output_dir))
     t0 = time.perf_counter()
 
-    folder = make_tiny_model("sdxl", out / "tiny_sdxl", seed=0)
-    print(f"[1/4] tiny SDXL diffusers folder: {folder} ({time.perf_counter() - t0:.1f} s)")
+    checkpoint = out / "tiny_sdxl.safetensors"
+    save_single_file(build_tiny_model("sdxl", seed=0), checkpoint)
+    print(f"[1/4] tiny SDXL checkpoint (single file, original layout): {checkpoint}")
 
-    single = out / "tiny_sdxl.safetensors"
-    save_single_file(load_model(folder), single)
-    model = load_model(single)
-    reference = load_model(folder)
-    same = all(torch.equal(a, b) for a, b in zip(model.unet.state_dict().values(), reference.unet.state_dict().values()))
-    print(f"[2/4] single-file checkpoint (LDM layout): {single}; reloaded UNet identical: {same}")
+    meta = make_sample_dataset(out / "data", count=12, size=96, seed=0)
+    prompts = out / "prompts.txt"
+    prompts.write_text(SAMPLE_PROMPTS)
+    print(f"[2/4] dataset: 12 captioned images at 5 aspect ratios, metadata {meta}")
 
-    encoder = PromptEncoder("sdxl", model.tokenizers, model.text_encoders, max_token_length=225)
-    tokens = model.tokenizers[0](LONG_PROMPT, verbose=False).input_ids
-    with torch.no_grad():
-        encoded = encoder.encode([LONG_PROMPT])
-        negative = encoder.encode([""])
-    chunks = encoder.tokenize([LONG_PROMPT])[0].shape[1]
-    print(f"[3/4] prompt of {len(tokens) - 2} tokens -> {chunks} chunks of 77 -> hidden states {tuple(encoded.hidden_states.shape)}, "
-          f"pooled {tuple(encoded.pooled.shape)}")
+    print("[3/4] training the LoRA ...")
+    code = train_network.main([
+        "--pretrained_model_name_or_path", str(checkpoint), "--in_json", str(meta),
+        "--train_data_dir", str(out / "data" / "images"), "--resolution", "96", "--enable_bucket",
+        "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
+        "--caption_tag_mode", "random", "--max_token_length", "150",
+        "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "4",
+        "--learning_rate", "1e-3", "--max_train_steps", str(args.steps), "--seed", "0",
+        "--output_dir", str(out / "lora"), "--output_name", "shapes_lora", "--save_every_n_steps", str(args.steps // 2),
+        "--sample_prompts", str(prompts), "--sample_every_n_steps", str(args.steps // 2), "--sample_sampler", "euler_a",
+        "--logging_dir", str(out / "logs"), "--max_data_loader_n_workers", "0",
+    ])
+    if code != 0:
+        return code
+    lora = out / "lora" / "shapes_lora.safetensors"
 
-    pipe = model.to_pipeline()
-    generator = torch.Generator().manual_seed(0)
-    image = pipe(prompt_embeds=encoded.hidden_states, pooled_prompt_embeds=encoded.pooled,
-                 negative_prompt_embeds=negative.hidden_states, negative_pooled_prompt_embeds=negative.pooled,
-                 height=64, width=64, num_inference_steps=2, generator=generator).images[0]
-    image_path = out / "sample.png"
-    image.save(image_path)
-    print(f"[4/4] sampled {image.size[0]}x{image.size[1]} image with the long-prompt embeddings: {image_path}")
-    print(f"done in {time.perf_counter() - t0:.1f} s; outputs in {out}")
-    return 0 if same else 1
+    pipe = load_model(checkpoint).to_pipeline()
+    pipe.load_lora_weights(str(lora))
+    image = pipe("a red circle on a white background", height=64, width=64, num_inference_steps=4,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    image.save(out / "diffusers_with_lora.png")
+    print(f"[4/4] diffusers' load_lora_weights read the file and sampled {out / 'diffusers_with_lora.png'}")
+    samples = sorted((out / "lora" / "sample").glob("*.png"))
+    print(f"\nLoRA: {lora}\nsample images: {len(samples)} in {out / 'lora' / 'sample'}\n"
+          f"TensorBoard: tensorboard --logdir {out / 'logs'}\ndone in {time.perf_counter() - t0:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
