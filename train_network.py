@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from library import accelerate_utils, config, noise, optim, sampling  # noqa: E402
+from library import accelerate_utils, config, noise, optim, sampling, validation  # noqa: E402
 from library.checkpoints import SaveSettings, load_training_state, read_training_state  # noqa: E402
 from library.run_setup import (  # noqa: E402
     attach_sampling,
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         noise.add_noise_arguments,
         noise.add_loss_arguments,
         sampling.add_sampling_arguments,
+        validation.add_validation_arguments,
         accelerate_utils.add_accelerate_arguments,
     )
 
@@ -254,6 +255,7 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         weight_dtype=weight_dtype, start=start,
     )
     attach_sampling(run, args, model, prompt_encoder, accelerator, weight_dtype, data.resolution)
+    validation.attach_validation(run, args, data.validation_index, seed)
     if args.scale_weight_norms:
         run.extra_logs = lambda: _max_norm_logs(network, args.scale_weight_norms, accelerator.device)
     print_summary(accelerator, args, model, data, plan, optimizer_description, run.save)

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -615,3 +617,29 @@ def load_dataset_index(datasets: Sequence[DatasetConfig], min_step: int = 64,
     if not index.records:
         raise DatasetProblems([Problem("dataset config", "no training images", "add images to a subset")])
     return index
+
+
+def split_for_validation(index: DatasetIndex) -> tuple[DatasetIndex, DatasetIndex | None]:
+    """(train, validation) by each dataset's ``validation_split`` and ``validation_seed`` (kohya's rule).
+
+    Per dataset, the non-regularisation images are shuffled with ``validation_seed`` (0 when unset); the
+    first ceil(n * (1 - split)) train and the rest validate. Regularisation images always train.
+    Validation samples count once (no repeats). None when no dataset asks for a split.
+    """
+    if not any(d.validation_split > 0 for d in index.datasets):
+        return index, None
+    train: list[ImageRecord] = []
+    validation: list[ImageRecord] = []
+    for position, dataset in enumerate(index.datasets):
+        records = [r for r in index.records if r.dataset_index == position]
+        regular = [r for r in records if not r.is_reg]
+        train += [r for r in records if r.is_reg]
+        if dataset.validation_split <= 0:
+            train += regular
+            continue
+        order = list(regular)
+        random.Random(dataset.validation_seed or 0).shuffle(order)
+        cut = math.ceil(len(order) * (1 - dataset.validation_split))
+        train += order[:cut]
+        validation += [replace(r, num_repeats=1) for r in order[cut:]]
+    return replace(index, records=tuple(train)), replace(index, records=tuple(validation))

@@ -22,7 +22,7 @@ from library.dataset_config import DatasetConfig, load_dataset_configs
 from library.datasets import KeyedBatchSampler, TrainingDataset, build_bucket_sampler_inputs, collate_samples
 from library.ldm_layout import detect_family
 from library.models import StableDiffusionModel
-from library.records import DatasetIndex, load_dataset_index
+from library.records import DatasetIndex, load_dataset_index, split_for_validation
 
 SDXL_BUCKET_STEP, SD_BUCKET_STEP = 32, 64
 
@@ -76,6 +76,7 @@ class TrainingData:
     index: DatasetIndex
     is_sdxl: bool
     sampler_inputs: Any = None
+    validation_index: DatasetIndex | None = None  # held-out images (validation_split), None without a split
     short_batches: int = 0
     repeated_batches: int = 0
     temp_dirs: list[Any] = field(default_factory=list)
@@ -147,8 +148,8 @@ def build_training_data(args: argparse.Namespace, support: set[str] | None = Non
     family = peek_family(args)
     min_step = SDXL_BUCKET_STEP if family in (None, "sdxl") else SD_BUCKET_STEP
     datasets = load_dataset_configs(args, support)
-    index = load_dataset_index(datasets, min_step=min_step)
-    return TrainingData(datasets, index, family == "sdxl", build_bucket_sampler_inputs(index))
+    index, validation = split_for_validation(load_dataset_index(datasets, min_step=min_step))
+    return TrainingData(datasets, index, family == "sdxl", build_bucket_sampler_inputs(index), validation)
 
 
 @dataclass

@@ -138,6 +138,8 @@ class TrainingRun:
     sample: Callable[[int, int | None], None] | None = None  # sample(step, epoch) at the configured points
     should_sample: Callable[[int, int, bool], bool] | None = None  # (step, epoch, is_epoch_end) -> bool
     sample_at_first: bool = False
+    validate: Callable[[], float] | None = None  # mean validation loss (library.validation)
+    should_validate: Callable[[int, int, bool], bool] | None = None  # (step, epoch, is_epoch_end) -> bool
     start: TrainState | None = None  # resume point
     log_every: int = 1
     extra_logs: Callable[[], dict[str, float]] | None = None
@@ -170,16 +172,25 @@ def _text(run: TrainingRun, batch: dict[str, Any], device: torch.device) -> Enco
 
 
 def _loss_for_batch(run: TrainingRun, batch: dict[str, Any], step: int, micro_step: int) -> torch.Tensor:
-    accelerator = run.accelerator
-    device = accelerator.device
     # Seeded by position (the micro-batch index of the whole run): a resumed run draws the same noise, and
     # the global RNG that dropout layers use is reseeded too, so nothing depends on what ran before.
     micro_index = step * run.plan.gradient_accumulation_steps + micro_step
-    generator = noise_lib.step_generator(run.seed, micro_index, accelerator.process_index, device=device)
+    generator = noise_lib.step_generator(run.seed, micro_index, run.accelerator.process_index,
+                                         device=run.accelerator.device)
+    return batch_loss(run, batch, generator)
+
+
+def batch_loss(run: TrainingRun, batch: dict[str, Any], generator: torch.Generator,
+               timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted loss of one batch; every random draw comes from ``generator`` (timesteps too, unless given)."""
+    accelerator = run.accelerator
+    device = accelerator.device
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item()))
     latents = _latents(run, batch, device, generator)
     noise = noise_lib.sample_noise(latents, run.noise_options, generator)
-    timesteps = noise_lib.sample_timesteps(latents.shape[0], run.noise_options, generator).to(device)
+    if timesteps is None:
+        timesteps = noise_lib.sample_timesteps(latents.shape[0], run.noise_options, generator)
+    timesteps = timesteps.to(device)
     alphas_cumprod = run.alphas_cumprod.to(device)
     noisy = noise_lib.add_noise(latents, noise, timesteps, alphas_cumprod, run.noise_options, generator)
     target = noise_lib.training_target(latents, noise, timesteps, alphas_cumprod, run.prediction_type)
@@ -304,8 +315,18 @@ def train(run: TrainingRun) -> TrainState:
     return final
 
 
+def _validate(run: TrainingRun, step: int, epoch: int, is_epoch_end: bool) -> None:
+    if run.validate is None or run.should_validate is None or not run.should_validate(step, epoch, is_epoch_end):
+        return
+    with _evaluation(run), torch.no_grad():
+        loss = run.validate()
+    run.accelerator.log({"loss/validation": loss}, step=step)
+    run.history.append({"step": step, "loss/validation": loss})
+
+
 def _after_step(run: TrainingRun, state: TrainState) -> None:
     step = state.global_step
+    _validate(run, step, state.epoch, False)
     if run.sample is not None and run.should_sample is not None and run.should_sample(step, state.epoch, False):
         with _evaluation(run):
             run.sample(step, None)
@@ -319,6 +340,7 @@ def _after_step(run: TrainingRun, state: TrainState) -> None:
 
 def _after_epoch(run: TrainingRun, state: TrainState) -> None:
     epoch = state.epoch
+    _validate(run, state.global_step, epoch, True)
     if run.sample is not None and run.should_sample is not None and run.should_sample(state.global_step, epoch, True):
         with _evaluation(run):
             run.sample(state.global_step, epoch)

@@ -174,3 +174,33 @@ def test_deepspeed_zero2_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_
     tensors = lora_tensors(output / "lora.safetensors")
     ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
     assert ups and all(v.abs().sum() > 0 for v in ups)
+
+
+def _scalars(logs: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(logs.rglob("events.out.tfevents*")).parent)).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_validation_loss_is_fixed_noise_on_held_out_images(tiny_model_dirs, sample_data, tmp_path, capsys, monkeypatch):
+    """Each evaluation runs twice on the same weights and must give the identical number (fixed timesteps and
+    noise); between evaluations the model learns, so the logged values move."""
+    from library import validation
+
+    original, repeats = validation.validation_loss, []
+
+    def evaluated_twice(*args, **kwargs):
+        first, second = original(*args, **kwargs), original(*args, **kwargs)
+        repeats.append((first, second))
+        return first
+
+    monkeypatch.setattr(validation, "validation_loss", evaluated_twice)
+    args = base_args(tiny_model_dirs["sd15"], sample_data, tmp_path / "out", 4, "--validation_split", "0.34",
+                     "--validate_every_n_steps", "2", "--logging_dir", str(tmp_path / "logs"), "--learning_rate", "1e-2")
+    assert train_network.main(args) == 0
+    assert "images: 4 train + 0 regularisation" in capsys.readouterr().out  # 6 images, ceil(6 * 0.66) train
+    assert len(repeats) == 2 and all(a == b for a, b in repeats)
+    values = _scalars(tmp_path / "logs", "loss/validation")
+    assert [step for step, _ in values] == [2, 4]
+    assert values[0][1] == repeats[0][0] and values[0][1] != values[1][1]
