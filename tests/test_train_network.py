@@ -204,3 +204,15 @@ def test_validation_loss_is_fixed_noise_on_held_out_images(tiny_model_dirs, samp
     values = _scalars(tmp_path / "logs", "loss/validation")
     assert [step for step, _ in values] == [2, 4]
     assert values[0][1] == repeats[0][0] and values[0][1] != values[1][1]
+
+
+def test_adamw8bit_trains_with_8bit_state(tiny_model_dirs, sample_data, tmp_path):
+    output = tmp_path / "out"
+    # bitsandbytes keeps fp32 state for tensors under min_8bit_size (4096); every tiny LoRA tensor is smaller
+    assert train_network.main(base_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--optimizer_type", "AdamW8bit",
+                                        "--optimizer_args", "min_8bit_size=0", "--save_state")) == 0
+    with safe_open(str(output / "lora.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
+    optimizer_state = torch.load(output / "lora-state" / "optimizer.bin", weights_only=False)["state"]
+    quantized = [state["__bnb_optimizer_quant_state__"] for state in optimizer_state.values()]
+    assert quantized and all(q["state1"].dtype == torch.uint8 for q in quantized)
