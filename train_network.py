@@ -27,6 +27,7 @@ from torch import nn  # noqa: E402
 from library import accelerate_utils, config, noise, optim, sampling, validation  # noqa: E402
 from library.checkpoints import SaveSettings, load_training_state, read_training_state  # noqa: E402
 from library.run_setup import (  # noqa: E402
+    apply_attention_backend,
     attach_sampling,
     build_training_data,
     fill_caches,
@@ -183,6 +184,7 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
                        prediction_type="v_prediction" if args.v_parameterization else None)
     weight_dtype, vae_dtype, save_dtype = model_dtypes(args, model)
+    attention = apply_attention_backend(args, model)
     train_unet = not args.network_train_text_encoder_only
     train_text_encoder = not args.network_train_unet_only
     if train_text_encoder and (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk):
@@ -259,6 +261,7 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.scale_weight_norms:
         run.extra_logs = lambda: _max_norm_logs(network, args.scale_weight_norms, accelerator.device)
     print_summary(accelerator, args, model, data, plan, optimizer_description, run.save)
+    accelerator.print(f"attention: {attention}")
     start_logging(accelerator, args, "network_train" if args.log_tracker_name is None else args.log_tracker_name)
     try:
         final = train(run)

@@ -196,6 +196,25 @@ def fill_caches(args: argparse.Namespace, accelerator: Any, data: TrainingData, 
     return caches
 
 
+def apply_attention_backend(args: argparse.Namespace, model: StableDiffusionModel) -> str:
+    """--xformers / --mem_eff_attn / --sdpa on the UNet (and VAE), through diffusers' own attention processors.
+
+    --mem_eff_attn maps to diffusers' sliced attention, the maintained equivalent of kohya's chunked
+    attention (less memory, slower). Without a flag the UNet keeps diffusers' default, which is SDPA.
+    """
+    if getattr(args, "xformers", False):
+        model.unet.enable_xformers_memory_efficient_attention()
+        model.vae.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    if getattr(args, "mem_eff_attn", False):
+        model.unet.set_attention_slice("auto")
+        return "sliced (mem_eff_attn)"
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model.unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
 def model_dtypes(args: argparse.Namespace, model: StableDiffusionModel) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
     """(weights of frozen modules, VAE, saved files): fp32 VAE with --no_half_vae, as kohya."""
     weight = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)

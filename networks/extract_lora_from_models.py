@@ -1,0 +1,230 @@
+"""Extract a LoRA that turns one model into another: SVD of their weight difference (kohya's extract_lora_from_models.py).
+
+    python networks/extract_lora_from_models.py --model_org base.safetensors --model_tuned tuned.safetensors \\
+        --save_to diff.safetensors --dim 32 [--conv_dim 16] [--clamp_quantile 0.99] [--min_diff 0.01] [--device cuda]
+
+Both models may be diffusers folders or single files of one family (SD1, SD2 or SDXL: detected; ``--v2`` and
+``--sdxl`` only assert it). The modules are those ``networks.lora`` trains, named as it names them (SAI
+paths for SDXL): Linear/1x1 layers of the UNet's transformer blocks, with ``--conv_dim`` also the ResNet and
+down/up-sampler layers (their 3x3 convs at ``--conv_dim``), and the CLIP attention/MLP layers.
+
+Per module: ``D = W_tuned - W_org`` (3x3 kernels flattened), ``D ~ U_r S_r Vh_r``; ``up = U_r S_r`` and
+``down = Vh_r``, then both are clamped to ``[-h, h]`` where ``h`` is the ``--clamp_quantile`` quantile of all
+their values together (kohya's outlier clamp; ``--clamp_quantile 1`` turns it off, where kohya would still clip
+negatives beyond the largest positive value). alpha = rank, so the file's update is exactly ``up @ down``.
+The UNet is always extracted; a text encoder only if one of its weights differs by more than ``--min_diff``
+(decided per encoder: kohya decides for SDXL's two encoders together). ``r`` is ``--dim`` (``--conv_dim`` for
+3x3 convs), at most the matrix's smaller side (kohya caps 3x3 convs at their channel counts instead).
+
+The file is written through ``networks.lora`` (``create_network_from_weights`` + ``save_weights``), so its
+keys are checked against the model and it carries kohya's minimum metadata (ss_network_dim = dim,
+ss_network_alpha = dim, conv_dim/conv_alpha in ss_network_args) plus ModelSpec keys unless ``--no_metadata``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from networks.check_lora_weights import PRECISIONS, LoRAFileError, precision_dtype, refuse_existing  # noqa: E402
+
+if TYPE_CHECKING:
+    from library.models import StableDiffusionModel
+
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+# --------------------------------------------------------------------------------------------------
+# the maths
+
+
+def signed_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile's linear interpolation, without its limit of 16M elements."""
+    ordered = values.flatten().sort().values
+    position = q * (ordered.numel() - 1)
+    low = int(math.floor(position))
+    high = min(low + 1, ordered.numel() - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def low_rank_factors(diff: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) in LoRA shapes with ``up @ down`` the best rank-``rank`` approximation of ``diff``
+    (S kept on up, as kohya), clamped at the ``clamp_quantile`` quantile of their values (< 1 only)."""
+    out_dim = diff.shape[0]
+    matrix = diff.reshape(out_dim, -1).float()
+    rank = max(1, min(rank, *matrix.shape))
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    up, down = u[:, :rank] * s[:rank], vh[:rank]
+    if clamp_quantile < 1:
+        high = signed_quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
+        up, down = up.clamp(-high, high), down.clamp(-high, high)
+    if diff.dim() == 4:
+        return down.reshape(rank, *diff.shape[1:]), up.reshape(out_dim, rank, 1, 1)
+    return down, up
+
+
+# --------------------------------------------------------------------------------------------------
+# which weights differ
+
+
+def target_weights(model: StableDiffusionModel, conv: bool) -> tuple[list[dict[str, nn.Module]], dict[str, nn.Module]]:
+    """networks.lora's target modules by kohya name: one dict per text encoder, and the UNet's."""
+    from networks.lora import text_encoder_prefixes, text_encoder_targets, unet_targets
+
+    prefixes = text_encoder_prefixes(len(model.text_encoders))
+    tes = [{t.lora_name: t.module for t in text_encoder_targets(te, prefix)}
+           for prefix, te in zip(prefixes, model.text_encoders)]
+    unet = {t.lora_name: t.module for t in unet_targets(model.unet, conv)}
+    return tes, unet
+
+
+def weight_diffs(org: dict[str, nn.Module], tuned: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    if org.keys() != tuned.keys():
+        raise LoRAFileError("the two models have different modules; are they of one architecture?")
+    diffs = {}
+    for name, module in org.items():
+        a, b = module.weight, tuned[name].weight
+        if a.shape != b.shape:
+            raise LoRAFileError(f"{name}: weight shapes {tuple(a.shape)} and {tuple(b.shape)} differ; "
+                                "the models are not of one architecture")
+        diffs[name] = b.detach().float() - a.detach().float()
+    return diffs
+
+
+def extract_lora_state_dict(model_org: StableDiffusionModel, model_tuned: StableDiffusionModel, dim: int,
+                            conv_dim: int | None = None, clamp_quantile: float = 0.99, min_diff: float = 0.01,
+                            device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """kohya-format tensors (down, up, alpha = rank) of the LoRA from ``model_org`` to ``model_tuned``."""
+    tes_o, unet_o = target_weights(model_org, conv_dim is not None)
+    tes_t, unet_t = target_weights(model_tuned, conv_dim is not None)
+    diffs: dict[str, torch.Tensor] = {}
+    for index, (te_o, te_t) in enumerate(zip(tes_o, tes_t)):
+        te_diffs = weight_diffs(te_o, te_t)
+        largest = max((float(d.abs().max()) for d in te_diffs.values()), default=0.0)
+        label = "text encoder" if len(tes_o) == 1 else f"text encoder {index + 1}"
+        if largest > min_diff:
+            print(f"{label} differs (largest change {largest:.3g} > --min_diff {min_diff:g}): extracted")
+            diffs.update(te_diffs)
+        else:
+            print(f"{label} is the same (largest change {largest:.3g} <= --min_diff {min_diff:g}): not extracted")
+    diffs.update(weight_diffs(unet_o, unet_t))
+    state_dict: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, diff in diffs.items():
+            kxk = diff.dim() == 4 and tuple(diff.shape[2:]) != (1, 1)
+            rank = conv_dim if kxk and conv_dim is not None else dim
+            down, up = low_rank_factors(diff.to(device), rank, clamp_quantile)
+            state_dict[f"{name}.lora_down.weight"] = down.cpu().contiguous()
+            state_dict[f"{name}.lora_up.weight"] = up.cpu().contiguous()
+            state_dict[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return state_dict
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+def extraction_metadata(family: str, dim: int, conv_dim: int | None, v_parameterization: bool, save_to: str,
+                        no_metadata: bool) -> dict[str, str]:
+    from library.training_metadata import BASE_MODEL_VERSION
+
+    network_args = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))}
+    metadata = {
+        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(float(dim)),
+        "ss_network_args": json.dumps(network_args),
+    }
+    if not no_metadata:
+        metadata.update({
+            "modelspec.architecture": ARCHITECTURES[family] + "/lora",
+            "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
+            "modelspec.title": Path(save_to).stem,
+            "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+    return metadata
+
+
+def extract(args: argparse.Namespace) -> int:
+    from library.models import load_model
+    from networks.lora import create_network_from_weights
+
+    family = "sd2" if args.v2 else "sdxl" if args.sdxl else None
+    print(f"loading original model {args.model_org}")
+    model_org = load_model(args.model_org, family=family)
+    print(f"loading tuned model {args.model_tuned}")
+    model_tuned = load_model(args.model_tuned, family=family)
+    if model_org.family.name != model_tuned.family.name:
+        raise LoRAFileError(f"--model_org is {model_org.family.name} but --model_tuned is {model_tuned.family.name}")
+    state_dict = extract_lora_state_dict(model_org, model_tuned, args.dim, args.conv_dim, args.clamp_quantile,
+                                         args.min_diff, args.device)
+    del model_tuned
+    network, _ = create_network_from_weights(1.0, None, None, model_org.text_encoders, model_org.unet,
+                                             weights_sd=state_dict, for_inference=True)
+    v_param = args.v_parameterization if args.v_parameterization is not None else model_org.prediction_type == "v_prediction"
+    metadata = extraction_metadata(model_org.family.name, args.dim, args.conv_dim, v_param, args.save_to, args.no_metadata)
+    network.save_weights(args.save_to, precision_dtype(args.save_precision), metadata)
+    print(f"extracted {len(network.unet_loras)} UNet and {len(network.text_encoder_loras)} text-encoder modules "
+          f"-> {args.save_to}")
+    return 0
+
+
+def add_extract_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """kohya's extract_lora_from_models.py flags and defaults."""
+    parser.add_argument("--model_org", required=True, help="original model: diffusers folder or .safetensors/.ckpt")
+    parser.add_argument("--model_tuned", required=True, help="tuned model; the LoRA is tuned - original")
+    parser.add_argument("--save_to", required=True, help="output LoRA (.safetensors, .pt, .ckpt); never overwritten")
+    parser.add_argument("--dim", type=int, default=4, help="rank of the LoRA (default 4)")
+    parser.add_argument("--conv_dim", type=int, default=None, help="rank for 3x3 convs (LoCon); default: none extracted")
+    parser.add_argument("--clamp_quantile", type=float, default=0.99,
+                        help="clamp the factors at this quantile of their values (default 0.99; 1 = no clamp)")
+    parser.add_argument("--min_diff", type=float, default=0.01,
+                        help="a text encoder is extracted only if a weight changed by more than this (default 0.01)")
+    parser.add_argument("--device", default="cpu", help="device for the SVDs, e.g. cuda")
+    parser.add_argument("--save_precision", choices=PRECISIONS, default=None, help="dtype of the output (default float)")
+    parser.add_argument("--no_metadata", action="store_true", help="write only the minimum ss_* metadata, no ModelSpec")
+    parser.add_argument("--v2", action="store_true", help="assert the models are SD2 (detected anyway)")
+    parser.add_argument("--sdxl", action="store_true", help="assert the models are SDXL (detected anyway)")
+    parser.add_argument("--v_parameterization", action="store_true", default=None,
+                        help="mark the LoRA as v-prediction in ModelSpec (default: the original model's scheduler)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_extract_lora_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.v2 and args.sdxl:
+        parser.error("--v2 and --sdxl contradict each other")
+    if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):
+        parser.error("--dim and --conv_dim must be at least 1")
+    if not 0 < args.clamp_quantile <= 1:
+        parser.error("--clamp_quantile must be in (0, 1]")
+    if Path(args.save_to).suffix.lower() not in (".safetensors", ".pt", ".ckpt"):
+        parser.error("--save_to must be a .safetensors, .pt or .ckpt file")
+    from library.models import ModelLoadError
+
+    try:
+        refuse_existing(args.save_to)
+        return extract(args)
+    except (FileExistsError, LoRAFileError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
