@@ -148,6 +148,11 @@ def build_training_data(args: argparse.Namespace, support: set[str] | None = Non
     family = peek_family(args)
     min_step = SDXL_BUCKET_STEP if family in (None, "sdxl") else SD_BUCKET_STEP
     datasets = load_dataset_configs(args, support)
+    if getattr(args, "masked_loss", False) and not any(s.alpha_mask for d in datasets for s in d.subsets):
+        from library.dataset_config import DatasetConfigError
+
+        raise DatasetConfigError("--masked_loss weights the loss by each image's alpha channel, but no subset loads "
+                                 "it: add --alpha_mask (or alpha_mask = true in the dataset config)")
     index, validation = split_for_validation(load_dataset_index(datasets, min_step=min_step))
     return TrainingData(datasets, index, family == "sdxl", build_bucket_sampler_inputs(index), validation)
 

@@ -247,3 +247,28 @@ def test_torch_compile_trains_the_same_lora(minimal_unet_model, sample_data, tmp
     assert eager.keys() == compiled.keys()  # no "_orig_mod" in the saved names
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-6)
+
+
+def test_masked_loss_without_masks_is_refused_at_start(tiny_model_dirs, sample_data, tmp_path, capsys):
+    assert train_network.main(base_args(tiny_model_dirs["sd15"], sample_data, tmp_path / "out", 2, "--masked_loss")) == 1
+    assert "add --alpha_mask" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_masked_loss_trains_on_alpha_masks(tiny_model_dirs, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "rgba"
+    (data / "images").mkdir(parents=True)
+    meta = {}
+    for index in range(3):
+        image = Image.new("RGBA", (64, 64), (200, 30, 30, 0))
+        image.paste((200, 30, 30, 255), (16, 16, 48, 48))  # opaque square, transparent border
+        image.save(data / "images" / f"m{index}.png")
+        meta[f"m{index}"] = {"caption": "a red square"}
+    (data / "meta.json").write_text(json.dumps(meta))
+    output = tmp_path / "out"
+    assert train_network.main(base_args(tiny_model_dirs["sd15"], data, output, 2, "--alpha_mask", "--masked_loss")) == 0
+    tensors = lora_tensors(output / "lora.safetensors")
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
