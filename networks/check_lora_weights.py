@@ -87,26 +87,16 @@ def lora_part(name: str) -> str:
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a ``.safetensors`` LoRA, or tensors of a ``.pt``/``.ckpt`` one (no metadata)."""
+    """Tensors and metadata of a ``.safetensors`` LoRA, or tensors of a ``.pt``/``.ckpt`` one."""
+    from library.models import ModelLoadError, read_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise LoRAFileError(f"{path} does not exist or is not a file")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        from library.safetensors_io import read_safetensors_metadata
-
-        try:
-            return load_file(str(path)), read_safetensors_metadata(path)
-        except Exception as error:  # noqa: BLE001 - the message names the file, which is what the user needs
-            raise LoRAFileError(f"{path} could not be read as a safetensors file ({error})") from error
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        raise LoRAFileError(f"{path} could not be read as a torch file ({type(error).__name__}: {error})") from error
-    if not isinstance(data, dict):
-        raise LoRAFileError(f"{path} does not hold a state dict")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
+        return read_checkpoint(path)
+    except ModelLoadError as error:
+        raise LoRAFileError(str(error)) from error
 
 
 def group_modules(state_dict: dict[str, torch.Tensor], source: str = "weights") -> tuple[dict[str, LoRAFactors], list[str]]:
