@@ -272,3 +272,26 @@ def test_masked_loss_trains_on_alpha_masks(tiny_model_dirs, tmp_path):
     tensors = lora_tensors(output / "lora.safetensors")
     assert all(torch.isfinite(v).all() for v in tensors.values())
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
+
+
+def test_bf16_mixed_precision_with_bf16_network_and_gradient_checkpointing(tiny_model_dirs, sample_data, tmp_path):
+    output = tmp_path / "out"
+    assert train_network.main(base_args(tiny_model_dirs["sdxl"], sample_data, output, 2, "--mixed_precision", "bf16",
+                                        "--full_bf16", "--save_precision", "bf16", "--gradient_checkpointing")) == 0
+    tensors = lora_tensors(output / "lora.safetensors")
+    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+    assert all(torch.isfinite(v.float()).all() for v in tensors.values())
+
+
+def test_ddp_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path):
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(ROOT / "train_network.py"),
+               *base_args(tiny_model_dirs["sd15"], sample_data, output, 2)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # 6 images over 2 ranks: 3 batches each, so 3 optimizer steps per epoch with a global batch of 2
+    assert "x 2 process(es) = 2" in result.stdout and "optimizer steps: 3 per epoch" in result.stdout
+    assert (output / "lora.safetensors").is_file()
