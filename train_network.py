@@ -250,7 +250,7 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         prompt_encoder=prompt_encoder, is_sdxl=model.family.is_sdxl, dataloader=loader, batch_sampler=sampler,
         prepared=prepared, plan=plan, seed=seed,
         prediction_type=model.prediction_type,
-        alphas_cumprod=noise.noise_schedule(scheduler_config, noise_options.zero_terminal_snr),
+        alphas_cumprod=noise.noise_schedule(scheduler_config, noise_options.zero_terminal_snr).to(accelerator.device),
         noise_options=noise_options, loss_options=noise.loss_options_from_args(args),
         save=SaveSettings.from_args(args, "." + args.save_model_as if args.save_model_as else ".safetensors"),
         max_grad_norm=args.max_grad_norm, prior_loss_weight=data.prior_loss_weight, vae_dtype=vae_dtype,
