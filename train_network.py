@@ -29,6 +29,7 @@ from library.checkpoints import SaveSettings, load_training_state, read_training
 from library.run_setup import (  # noqa: E402
     apply_attention_backend,
     attach_sampling,
+    move_module,
     build_training_data,
     fill_caches,
     model_dtypes,
@@ -200,10 +201,8 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.eval()
-    model.unet.to(accelerator.device, dtype=weight_dtype)
-    for te in model.text_encoders:
-        te.to(accelerator.device, dtype=weight_dtype)
-    model.vae.to(accelerator.device, dtype=vae_dtype)
+    for module, dtype in [(model.unet, weight_dtype), (model.vae, vae_dtype)] + [(te, weight_dtype) for te in model.text_encoders]:
+        move_module(module, accelerator.device, dtype)
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for te in model.text_encoders:

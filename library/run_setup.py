@@ -220,6 +220,12 @@ def apply_attention_backend(args: argparse.Namespace, model: StableDiffusionMode
     return "sdpa"
 
 
+def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Cast only when the dtype changes: diffusers warns on every `.to(dtype=...)` call, even a no-op one."""
+    current = next(module.parameters()).dtype
+    module.to(device) if current == dtype else module.to(device, dtype=dtype)
+
+
 def model_dtypes(args: argparse.Namespace, model: StableDiffusionModel) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
     """(weights of frozen modules, VAE, saved files): fp32 VAE with --no_half_vae, as kohya."""
     weight = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
