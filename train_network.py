@@ -24,26 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from library import accelerate_utils, config, noise, optim, sampling, validation  # noqa: E402
-from library.checkpoints import SaveSettings, load_training_state, read_training_state  # noqa: E402
-from library.run_setup import (  # noqa: E402
-    apply_attention_backend,
-    attach_sampling,
-    move_module,
-    build_training_data,
-    fill_caches,
-    model_dtypes,
-    print_summary,
-    start_logging,
-    user_errors,
-)
-from library.models import load_model  # noqa: E402
-from library.text_encoding import EncodedPrompts, PromptEncoder  # noqa: E402
-from library.training import TrainingRun, make_plan, train  # noqa: E402
+from library import accelerate_utils, config, noise, optim, sampling, script_flow, validation  # noqa: E402
+from library.run_setup import user_errors  # noqa: E402
+from library.text_encoding import EncodedPrompts  # noqa: E402
 from library.training_metadata import per_save_metadata, tag_frequency, training_metadata  # noqa: E402
-
-SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("network")
@@ -62,7 +46,6 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no_metadata", action="store_true", help="write only the metadata a loader needs")
     group.add_argument("--training_comment", default=None)
     group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 (the SDXL VAE overflows in fp16)")
-    group.add_argument("--log_tracker_name", default=None, help="project name of the TensorBoard/wandb run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,57 +159,29 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--output_dir is required")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         parser.error("--network_train_unet_only and --network_train_text_encoder_only are exclusive")
-    resume_state = read_training_state(Path(args.resume)) if args.resume else None  # fail before any work
-    data = build_training_data(args)  # dataset problems are reported here, before the model is loaded
-
-    accelerator = accelerate_utils.build_accelerator(args)
-    seed = accelerate_utils.broadcast_seed(accelerator, resume_state.seed if resume_state else args.seed)
-    torch.manual_seed(seed)
-    model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
-                       prediction_type="v_prediction" if args.v_parameterization else None)
-    weight_dtype, vae_dtype, save_dtype = model_dtypes(args, model)
-    attention = apply_attention_backend(args, model)
     train_unet = not args.network_train_text_encoder_only
     train_text_encoder = not args.network_train_unet_only
     if train_text_encoder and (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk):
         parser.error("--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs")
+    session = script_flow.open_session(args)
+    model, accelerator = session.model, session.accelerator
 
-    network_module = importlib.import_module(args.network_module)
-    network = create_network(args, model, network_module)
+    network = create_network(args, model, importlib.import_module(args.network_module))
     network.apply_to(model.text_encoders, model.unet, train_text_encoder, train_unet)
     if args.network_weights and not args.dim_from_weights:
         info = network.load_weights(args.network_weights)
         accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
-
-    for module in (model.unet, model.vae, *model.text_encoders):
-        module.requires_grad_(False)
-        module.eval()
-    for module, dtype in [(model.unet, weight_dtype), (model.vae, vae_dtype)] + [(te, weight_dtype) for te in model.text_encoders]:
-        move_module(module, accelerator.device, dtype)
-    if args.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        for te in model.text_encoders:
-            te.gradient_checkpointing_enable()
-    if args.full_fp16 or args.full_bf16:
-        network.to(weight_dtype)
-    network.to(accelerator.device)
+    script_flow.freeze_and_place(session)
+    network.to(accelerator.device, dtype=session.weight_dtype if (args.full_fp16 or args.full_bf16) else None)
     network.requires_grad_(True)
 
-    prompt_encoder = PromptEncoder(model.family.name, model.tokenizers, model.text_encoders,
-                                   max_token_length=args.max_token_length or 75, clip_skip=args.clip_skip)
-    caches = fill_caches(args, accelerator, data, model, prompt_encoder, vae_dtype)
-    sampler = data.make_sampler(args, accelerator, seed)
-    plan = make_plan(data.num_images, data.num_reg_images, data.samples_per_epoch, data.batch_size, len(sampler),
-                     args.gradient_accumulation_steps, accelerator.num_processes, args.max_train_steps,
-                     args.max_train_epochs, data.short_batches, data.repeated_batches)
-    loader = data.make_loader(args, sampler, seed, plan.max_train_steps, caches)
-
+    pipeline = script_flow.build_data_pipeline(session)
+    plan, data = pipeline.plan, session.data
     text_encoder_lr = args.text_encoder_lr if args.text_encoder_lr else None
     if text_encoder_lr is not None and len(text_encoder_lr) == 1:
         text_encoder_lr = text_encoder_lr[0]
     params, _ = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
-    optimizer, lr_scheduler, optimizer_description = optim.build_optimizer_and_scheduler(
-        optim.optimizer_settings_from_args(args), params, plan.max_train_steps, accelerator.num_processes)
+    optimizer, lr_scheduler, optimizer_description = script_flow.build_optimizer(session, params, plan)
     base_metadata = training_metadata(
         args, family=model.family.name, session_id=None, started_at=time.time(), num_train_images=data.num_images,
         num_reg_images=data.num_reg_images, batches_per_epoch=plan.batches_per_epoch_per_process,
@@ -234,40 +189,12 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         network_args=parse_network_args(args.network_args), dataset_summary=data.summary_for_metadata(),
         tag_freq=tag_frequency(data.caption_sources()), bucket_info=data.bucket_info(), resolution=data.resolution)
     trainee = LoraTrainee(network, model.unet, model.text_encoders, train_text_encoder, args.gradient_checkpointing,
-                          save_dtype, base_metadata, args.no_metadata)
-    prepared = accelerate_utils.prepare_for_deepspeed(accelerator, trainee.trainable_modules(), optimizer, lr_scheduler)
-    trainee.use_prepared(prepared.models)
-    start = None
-    if args.resume:
-        start = load_training_state(accelerator, Path(args.resume))
-        accelerator.print(f"resuming from {args.resume}: step {start.global_step}, epoch {start.epoch}")
-
-    scheduler_config = dict(model.scheduler.config)
-    noise_options = noise.noise_options_from_args(args)
-    run = TrainingRun(
-        accelerator=accelerator, trainee=trainee, vae=model.vae, latent_scaling_factor=model.vae.config.scaling_factor,
-        prompt_encoder=prompt_encoder, is_sdxl=model.family.is_sdxl, dataloader=loader, batch_sampler=sampler,
-        prepared=prepared, plan=plan, seed=seed,
-        prediction_type=model.prediction_type,
-        alphas_cumprod=noise.noise_schedule(scheduler_config, noise_options.zero_terminal_snr).to(accelerator.device),
-        noise_options=noise_options, loss_options=noise.loss_options_from_args(args),
-        save=SaveSettings.from_args(args, "." + args.save_model_as if args.save_model_as else ".safetensors"),
-        max_grad_norm=args.max_grad_norm, prior_loss_weight=data.prior_loss_weight, vae_dtype=vae_dtype,
-        weight_dtype=weight_dtype, start=start,
-    )
-    attach_sampling(run, args, model, prompt_encoder, accelerator, weight_dtype, data.resolution)
-    validation.attach_validation(run, args, data.validation_index, seed)
-    if args.scale_weight_norms:
-        run.extra_logs = lambda: _max_norm_logs(network, args.scale_weight_norms, accelerator.device)
-    print_summary(accelerator, args, model, data, plan, optimizer_description, run.save)
-    accelerator.print(f"attention: {attention}")
-    start_logging(accelerator, args, "network_train" if args.log_tracker_name is None else args.log_tracker_name)
-    try:
-        final = train(run)
-    finally:
-        accelerator.end_training()
-    accelerator.print(f"saved {run.save.model_path(run.save.output_name)} after {final.global_step} steps")
-    return 0
+                          session.save_dtype, base_metadata, args.no_metadata)
+    extra_logs = (lambda: _max_norm_logs(network, args.scale_weight_norms, accelerator.device)) \
+        if args.scale_weight_norms else None
+    extension = "." + (args.save_model_as or "safetensors")
+    return script_flow.run_training(session, pipeline, trainee, optimizer, lr_scheduler, optimizer_description,
+                                    extension, "network_train", extra_logs)
 
 
 def _max_norm_logs(network: Any, max_norm: float, device: torch.device) -> dict[str, float]:

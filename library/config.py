@@ -227,6 +227,7 @@ def add_training_arguments(parser: argparse.ArgumentParser,
     group.add_argument("--log_with", type=str, choices=LOG_WITH_CHOICES, default=None,
                        help="logger; default tensorboard when --logging_dir is given")
     group.add_argument("--log_prefix", type=str, default=None, help="prefix of the log run folder name")
+    group.add_argument("--log_tracker_name", type=str, default=None, help="project name of the TensorBoard/wandb run")
     group.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention")
     group.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention")
     group.add_argument("--mem_eff_attn", action="store_true", help="pure-PyTorch chunked attention (slow, small)")

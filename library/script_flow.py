@@ -1,0 +1,151 @@
+"""The start and the finish every training script shares; the scripts keep only what they train.
+
+    session = open_session(args)                     # data checked, Accelerator, seed, model, dtypes
+    freeze_and_place(session)                        # frozen parts on the device in their dtypes
+    ... the script makes its trainable parts and param groups ...
+    pipeline = build_data_pipeline(session)          # prompt encoder, caches, sampler, plan, loader
+    optimizer, scheduler, description = build_optimizer(session, params, pipeline.plan)
+    ... the script builds its Trainee ...
+    return run_training(session, pipeline, trainee, optimizer, scheduler, description, extension, name)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from library import accelerate_utils, noise, optim, validation
+from library.checkpoints import SaveSettings, TrainState, load_training_state, read_training_state
+from library.models import StableDiffusionModel, load_model
+from library.run_setup import (
+    TrainingData,
+    apply_attention_backend,
+    attach_sampling,
+    build_training_data,
+    fill_caches,
+    model_dtypes,
+    move_module,
+    print_summary,
+    start_logging,
+)
+from library.text_encoding import PromptEncoder
+from library.training import Trainee, TrainingPlan, TrainingRun, make_plan, train
+
+
+@dataclass
+class Session:
+    args: argparse.Namespace
+    accelerator: Any
+    seed: int
+    data: TrainingData
+    model: StableDiffusionModel
+    weight_dtype: torch.dtype
+    vae_dtype: torch.dtype
+    save_dtype: torch.dtype | None
+    attention: str
+
+
+def open_session(args: argparse.Namespace, support: set[str] | None = None,
+                 required_family: str | None = None) -> Session:
+    """Everything before the trainable parts exist; data problems are raised before the model is loaded."""
+    resume_state = read_training_state(Path(args.resume)) if args.resume else None  # fail before any work
+    data = build_training_data(args, support)
+    accelerator = accelerate_utils.build_accelerator(args)
+    seed = accelerate_utils.broadcast_seed(accelerator, resume_state.seed if resume_state else args.seed)
+    torch.manual_seed(seed)
+    model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
+                       prediction_type="v_prediction" if args.v_parameterization else None)
+    if required_family is not None and model.family.name != required_family:
+        from library.models import ModelLoadError
+
+        raise ModelLoadError(f"{args.pretrained_model_name_or_path} is an {model.family.name} model; this script trains "
+                             f"{required_family} models only")
+    weight_dtype, vae_dtype, save_dtype = model_dtypes(args, model)
+    attention = apply_attention_backend(args, model)
+    return Session(args, accelerator, seed, data, model, weight_dtype, vae_dtype, save_dtype, attention)
+
+
+def freeze_and_place(session: Session, trained: tuple[torch.nn.Module, ...] = ()) -> None:
+    """Every module frozen and on the device; modules in ``trained`` keep fp32 weights unless --full_fp16/bf16."""
+    args, model = session.args, session.model
+    full_half = getattr(args, "full_fp16", False) or getattr(args, "full_bf16", False)
+    for module, dtype in [(model.unet, session.weight_dtype), (model.vae, session.vae_dtype)] + \
+            [(te, session.weight_dtype) for te in model.text_encoders]:
+        module.requires_grad_(False)
+        module.eval()
+        if any(module is t for t in trained) and not full_half:
+            dtype = torch.float32
+        move_module(module, session.accelerator.device, dtype)
+    if args.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for te in model.text_encoders:
+            te.gradient_checkpointing_enable()
+
+
+@dataclass
+class DataPipeline:
+    prompt_encoder: PromptEncoder
+    sampler: Any
+    plan: TrainingPlan
+    loader: Any
+
+
+def build_data_pipeline(session: Session) -> DataPipeline:
+    args, model, data = session.args, session.model, session.data
+    prompt_encoder = PromptEncoder(model.family.name, model.tokenizers, model.text_encoders,
+                                   max_token_length=args.max_token_length or 75, clip_skip=args.clip_skip)
+    caches = fill_caches(args, session.accelerator, data, model, prompt_encoder, session.vae_dtype)
+    sampler = data.make_sampler(args, session.accelerator, session.seed)
+    plan = make_plan(data.num_images, data.num_reg_images, data.samples_per_epoch, data.batch_size, len(sampler),
+                     args.gradient_accumulation_steps, session.accelerator.num_processes, args.max_train_steps,
+                     args.max_train_epochs, data.short_batches, data.repeated_batches)
+    loader = data.make_loader(args, sampler, session.seed, plan.max_train_steps, caches)
+    return DataPipeline(prompt_encoder, sampler, plan, loader)
+
+
+def build_optimizer(session: Session, params: list[dict[str, Any]], plan: TrainingPlan) -> tuple[Any, Any, str]:
+    return optim.build_optimizer_and_scheduler(optim.optimizer_settings_from_args(session.args), params,
+                                               plan.max_train_steps, session.accelerator.num_processes)
+
+
+def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, optimizer: Any, lr_scheduler: Any,
+                 optimizer_description: str, save_extension: str, project_name: str,
+                 extra_logs: Callable[[], dict[str, float]] | None = None,
+                 register_for_checkpointing: tuple[Any, ...] = ()) -> int:
+    """Prepare, resume, print the summary, train, and say where the result is."""
+    args, accelerator, model = session.args, session.accelerator, session.model
+    prepared = accelerate_utils.prepare_for_deepspeed(accelerator, trainee.trainable_modules(), optimizer, lr_scheduler)
+    trainee.use_prepared(prepared.models)
+    for extra_state in register_for_checkpointing:  # e.g. EMA weights: saved and restored with the state
+        accelerator.register_for_checkpointing(extra_state)
+    start: TrainState | None = None
+    if args.resume:
+        start = load_training_state(accelerator, Path(args.resume))
+        accelerator.print(f"resuming from {args.resume}: step {start.global_step}, epoch {start.epoch}")
+    noise_options = noise.noise_options_from_args(args)
+    run = TrainingRun(
+        accelerator=accelerator, trainee=trainee, vae=model.vae, latent_scaling_factor=model.vae.config.scaling_factor,
+        prompt_encoder=pipeline.prompt_encoder, is_sdxl=model.family.is_sdxl, dataloader=pipeline.loader,
+        batch_sampler=pipeline.sampler, prepared=prepared, plan=pipeline.plan, seed=session.seed,
+        prediction_type=model.prediction_type,
+        alphas_cumprod=noise.noise_schedule(dict(model.scheduler.config), noise_options.zero_terminal_snr).to(accelerator.device),
+        noise_options=noise_options, loss_options=noise.loss_options_from_args(args),
+        save=SaveSettings.from_args(args, save_extension), max_grad_norm=args.max_grad_norm,
+        prior_loss_weight=session.data.prior_loss_weight, vae_dtype=session.vae_dtype, weight_dtype=session.weight_dtype,
+        start=start, extra_logs=extra_logs,
+    )
+    attach_sampling(run, args, model, pipeline.prompt_encoder, accelerator, session.weight_dtype, session.data.resolution)
+    validation.attach_validation(run, args, session.data.validation_index, session.seed)
+    print_summary(accelerator, args, model, session.data, pipeline.plan, optimizer_description, run.save)
+    accelerator.print(f"attention: {session.attention}")
+    start_logging(accelerator, args, args.log_tracker_name or project_name)
+    try:
+        final = train(run)
+    finally:
+        accelerator.end_training()
+    accelerator.print(f"saved {run.save.model_path(run.save.output_name)} after {final.global_step} steps")
+    return 0
