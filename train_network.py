@@ -11,6 +11,7 @@ kohya-format LoRA that A1111, ComfyUI and diffusers load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -128,6 +129,12 @@ class LoraTrainee:
             added_cond_kwargs = {k: v.to(noisy_latents.dtype) for k, v in added_cond_kwargs.items()}
         return self.forward_model(noisy_latents, timesteps, encoder_hidden_states=hidden,
                                   added_cond_kwargs=added_cond_kwargs).sample
+
+    def after_step(self, global_step: int) -> None:
+        pass
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def save(self, path: Path, step: int, epoch: int) -> None:
         metadata = per_save_metadata(self.metadata, step, epoch, self.minimal_metadata)

@@ -1,7 +1,212 @@
-"""full SDXL fine-tuning (not implemented yet: this entry point lands with its issue)."""
+"""Fine-tune a whole SDXL model: the UNet, and optionally both text encoders.
 
+    accelerate launch train_sdxl.py --pretrained_model_name_or_path sdxl.safetensors \\
+        --in_json meta.json --train_data_dir imgs --output_dir out --output_name my_model \\
+        --learning_rate 1e-6 --max_train_steps 10000 --mixed_precision bf16 --gradient_checkpointing
+
+kohya's flag names, ``--config_file`` and ``--dataset_config`` work as in sd-scripts' sdxl_train.py. The
+result is saved in the input's format by default (a single file loads in A1111/ComfyUI and diffusers'
+``from_single_file``; a folder in ``from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
 import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from library import accelerate_utils, config, ema, noise, optim, sampling, script_flow, validation  # noqa: E402
+from library.models import StableDiffusionModel, is_single_file, save_diffusers, save_single_file  # noqa: E402
+from library.run_setup import user_errors  # noqa: E402
+from library.sdxl_blocks import block_param_groups, parse_block_lr  # noqa: E402
+from library.text_encoding import EncodedPrompts, PromptEncoder  # noqa: E402
+
+SINGLE_FILE_FORMATS = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
+
+
+def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sdxl fine-tuning")
+    group.add_argument("--train_text_encoder", action="store_true", help="also train both text encoders")
+    group.add_argument("--learning_rate_te1", type=float, default=None,
+                       help="text encoder 1 learning rate (default --learning_rate; 0 freezes it)")
+    group.add_argument("--learning_rate_te2", type=float, default=None,
+                       help="text encoder 2 learning rate (default --learning_rate; 0 freezes it)")
+    group.add_argument("--block_lr", type=str, default=None,
+                       help="23 comma-separated UNet learning rates: 0 time/label embedding, 1-9 input blocks, "
+                            "10-12 middle, 13-21 output blocks, 22 out; 0 freezes a block")
+    group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 (the SDXL VAE overflows in fp16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return config.build_parser(
+        __doc__,
+        config.add_model_arguments,
+        config.add_dataset_arguments,
+        partial(config.add_training_arguments, default_learning_rate=1e-6),
+        config.add_saving_arguments,
+        add_sdxl_arguments,
+        ema.add_ema_arguments,
+        optim.add_optimizer_arguments,
+        noise.add_noise_arguments,
+        noise.add_loss_arguments,
+        sampling.add_sampling_arguments,
+        validation.add_validation_arguments,
+        accelerate_utils.add_accelerate_arguments,
+    )
+
+
+def freeze_unused_text_encoder_1_layers(text_encoder: nn.Module) -> None:
+    """SDXL conditions on text encoder 1's penultimate layer: its last layer and final LN never get a gradient."""
+    transformer = getattr(text_encoder, "text_model", text_encoder)
+    transformer.encoder.layers[-1].requires_grad_(False)
+    transformer.final_layer_norm.requires_grad_(False)
+
+
+class FullModelTrainee:
+    """The UNet and/or text encoders themselves train; saved as a whole model."""
+
+    def __init__(self, model: StableDiffusionModel, trained: dict[str, nn.Module], prompt_encoder: PromptEncoder,
+                 gradient_checkpointing: bool, save_format: str, save_dtype: torch.dtype | None,
+                 averaged: ema.ExponentialMovingAverage | None = None, save_raw_too: bool = False) -> None:
+        self.model = model
+        self.trained = trained
+        self.prompt_encoder = prompt_encoder
+        self.gradient_checkpointing = gradient_checkpointing
+        self.save_format = save_format
+        self.save_dtype = save_dtype
+        self.averaged = averaged
+        self.save_raw_too = save_raw_too
+        self.forward_unet: nn.Module = model.unet
+        self.trains_text_encoder = any(name.startswith("text_encoder") for name in trained)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return dict(self.trained)
+
+    def use_prepared(self, modules: dict[str, nn.Module]) -> None:
+        self.forward_unet = modules.get("unet", self.model.unet)
+        # Trained text encoders must be called through their DDP wrappers for gradients to be averaged.
+        self.prompt_encoder.text_encoders = [modules.get("text_encoder1", self.model.text_encoders[0]),
+                                             modules.get("text_encoder2", self.model.text_encoders[1])]
+
+    def set_train(self, training: bool) -> None:
+        for module in self.trained.values():
+            module.train(training)
+        if "unet" not in self.trained:  # a frozen UNet only needs train mode for activation checkpointing
+            self.model.unet.train(training and self.gradient_checkpointing)
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: EncodedPrompts,
+                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: dict[str, Any]) -> torch.Tensor:
+        hidden = text.hidden_states.to(noisy_latents.dtype)
+        added = {k: v.to(noisy_latents.dtype) for k, v in (added_cond_kwargs or {}).items()}
+        return self.forward_unet(noisy_latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+    def after_step(self, global_step: int) -> None:
+        if self.averaged is not None:
+            self.averaged.maybe_update(global_step)
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        """Samples and validation use the EMA weights when EMA is on."""
+        return self.averaged.swapped_into() if self.averaged is not None else contextlib.nullcontext()
+
+    def save(self, path: Path, step: int, epoch: int) -> None:
+        """EMA weights are the saved model when EMA is on; --save_raw_too adds the raw ones as '<name>-raw'."""
+        if self.averaged is None:
+            self._write(path, step, epoch)
+            return
+        if self.save_raw_too:
+            self._write(path.with_name(f"{path.stem}-raw{path.suffix}"), step, epoch)
+        with self.averaged.swapped_into():
+            self._write(path, step, epoch)
+
+    def _write(self, path: Path, step: int, epoch: int) -> None:
+        if self.save_format in SINGLE_FILE_FORMATS:
+            save_single_file(self.model, path, dtype=self.save_dtype,
+                             metadata={"ss_steps": str(step), "ss_epoch": str(epoch)})
+        else:
+            save_diffusers(self.model, path, dtype=self.save_dtype,
+                           safe_serialization=self.save_format == "diffusers_safetensors")
+
+
+def default_save_format(args: argparse.Namespace) -> str:
+    """The input's format, as kohya: a single file in, a single file out; a folder in, a folder out."""
+    if args.save_model_as:
+        return args.save_model_as
+    return "safetensors" if is_single_file(args.pretrained_model_name_or_path) else "diffusers_safetensors"
+
+
+def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.output_dir:
+        parser.error("--output_dir is required")
+    caching_text = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
+    if args.train_text_encoder and caching_text:
+        parser.error("--cache_text_encoder_outputs cannot be used with --train_text_encoder: "
+                     "a trained text encoder changes its outputs, so the cache would be stale after one step")
+    block_lrs = parse_block_lr(args.block_lr) if args.block_lr else None
+
+    session = script_flow.open_session(args, support={"dreambooth", "finetuning"}, required_family="sdxl")
+    model = session.model
+    trained: dict[str, nn.Module] = {}
+    if args.learning_rate != 0 or block_lrs is not None:
+        trained["unet"] = model.unet
+    te_lrs = {"text_encoder1": args.learning_rate_te1, "text_encoder2": args.learning_rate_te2}
+    if args.train_text_encoder:
+        for index, name in enumerate(te_lrs):
+            lr = args.learning_rate if te_lrs[name] is None else te_lrs[name]
+            te_lrs[name] = lr
+            if lr != 0:
+                trained[name] = model.text_encoders[index]
+    if not trained:
+        parser.error("nothing to train: --learning_rate is 0 and no text encoder is trained")
+    script_flow.freeze_and_place(session, tuple(trained.values()))
+
+    params: list[dict[str, Any]] = []
+    if "unet" in trained:
+        model.unet.requires_grad_(True)
+        if block_lrs is not None:
+            params += block_param_groups(model.unet, block_lrs)
+        else:
+            params.append({"params": list(model.unet.parameters()), "lr": args.learning_rate, "name": "unet"})
+    for index, name in enumerate(te_lrs):
+        if name in trained:
+            trained[name].requires_grad_(True)
+            if index == 0:
+                freeze_unused_text_encoder_1_layers(trained[name])
+            params.append({"params": [p for p in trained[name].parameters() if p.requires_grad], "lr": te_lrs[name],
+                           "name": name})
+
+    pipeline = script_flow.build_data_pipeline(session)
+    optimizer, lr_scheduler, description = script_flow.build_optimizer(session, params, pipeline.plan)
+    save_format = default_save_format(args)
+    averaged = None
+    settings = ema.ema_settings_from_args(args)
+    if settings is not None:
+        named = {f"{name}.{key}": p for name, module in trained.items() for key, p in module.named_parameters()}
+        averaged = ema.ExponentialMovingAverage(named, settings)
+    trainee = FullModelTrainee(model, trained, pipeline.prompt_encoder, args.gradient_checkpointing, save_format,
+                               session.save_dtype, averaged, args.save_raw_too)
+    extension = SINGLE_FILE_FORMATS.get(save_format, "")
+    return script_flow.run_training(session, pipeline, trainee, optimizer, lr_scheduler, description, extension,
+                                    "sdxl_finetune", register_for_checkpointing=(averaged,) if averaged else ())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = config.parse_args(parser, argv)
+    try:
+        return train_sdxl(args, parser)
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
 
 if __name__ == "__main__":
-    print("train_sdxl.py: full SDXL fine-tuning is not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())

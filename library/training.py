@@ -54,6 +54,12 @@ class Trainee(Protocol):
 
     def save(self, path: Path, step: int, epoch: int) -> None: ...
 
+    def after_step(self, global_step: int) -> None:
+        """Called after every optimizer step (EMA updates)."""
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        """The weights to sample, validate and save with (EMA weights when EMA is on)."""
+
 
 @dataclass
 class TrainingPlan:
@@ -226,23 +232,29 @@ def _epochs(run: TrainingRun) -> Iterator[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def _evaluation(run: TrainingRun) -> Iterator[None]:
-    """Models in eval mode, and schedule-free optimizers on their averaged weights, for sampling and saving."""
-    schedule_free = is_schedule_free(run.prepared.optimizer)
+def _evaluation(run: TrainingRun, trainee_weights: bool = True) -> Iterator[None]:
+    """Models in eval mode, and schedule-free optimizers on their averaged weights, for sampling and saving.
+
+    ``trainee_weights`` also swaps in the trainee's evaluation weights (EMA); saving leaves that to the trainee,
+    which may write both the EMA and the raw weights.
+    """
+    optimizer = run.prepared.optimizer
+    schedule_free = is_schedule_free(optimizer)
     run.trainee.set_train(False)
     if schedule_free:
-        run.optimizer.eval()
+        optimizer.eval()
     try:
-        yield
+        with run.trainee.evaluation_weights() if trainee_weights else contextlib.nullcontext():
+            yield
     finally:
         if schedule_free:
-            run.prepared.optimizer.train()
+            optimizer.train()
         run.trainee.set_train(True)
 
 
 def _save_model(run: TrainingRun, name: str, step: int, epoch: int) -> Path:
     path = run.save.model_path(name)
-    with _evaluation(run):
+    with _evaluation(run, trainee_weights=False):
         if run.accelerator.is_main_process:
             run.trainee.save(path, step, epoch)
         run.accelerator.wait_for_everyone()
@@ -292,6 +304,7 @@ def train(run: TrainingRun) -> TrainState:
                 continue
             micro_step = 0
             global_step += 1
+            run.trainee.after_step(global_step)
             logs = {"loss/current": loss_window[-1], "loss/average": sum(loss_window[-100:]) / len(loss_window[-100:]),
                     "lr": float(run.prepared.lr_scheduler.get_last_lr()[0])}
             if run.extra_logs:
