@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from library import accelerate_utils, config, ema, noise, optim, sampling, script_flow, validation  # noqa: E402
+from library import accelerate_utils, config, ema, fused_backward, noise, optim, sampling, script_flow, validation  # noqa: E402, E501
 from library.models import StableDiffusionModel, is_single_file, save_diffusers, save_single_file  # noqa: E402
 from library.run_setup import user_errors  # noqa: E402
 from library.sdxl_blocks import block_param_groups, parse_block_lr  # noqa: E402
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         config.add_saving_arguments,
         add_sdxl_arguments,
         ema.add_ema_arguments,
+        fused_backward.add_fused_backward_arguments,
         optim.add_optimizer_arguments,
         noise.add_noise_arguments,
         noise.add_loss_arguments,
@@ -184,7 +185,11 @@ def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                            "name": name})
 
     pipeline = script_flow.build_data_pipeline(session)
-    optimizer, lr_scheduler, description = script_flow.build_optimizer(session, params, pipeline.plan)
+    if args.fused_backward_pass:  # each parameter steps inside backward: the full set of gradients never exists
+        optimizer, lr_scheduler, description = fused_backward.build_fused_optimizer_and_scheduler(
+            optim.optimizer_settings_from_args(args), params, pipeline.plan.max_train_steps, args.max_grad_norm)
+    else:
+        optimizer, lr_scheduler, description = script_flow.build_optimizer(session, params, pipeline.plan)
     save_format = default_save_format(args)
     averaged = None
     settings = ema.ema_settings_from_args(args)
@@ -195,7 +200,8 @@ def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                                session.save_dtype, averaged, args.save_raw_too)
     extension = SINGLE_FILE_FORMATS.get(save_format, "")
     return script_flow.run_training(session, pipeline, trainee, optimizer, lr_scheduler, description, extension,
-                                    "sdxl_finetune", register_for_checkpointing=(averaged,) if averaged else ())
+                                    "sdxl_finetune", register_for_checkpointing=(averaged,) if averaged else (),
+                                    clip_in_loop=not args.fused_backward_pass)
 
 
 def main(argv: list[str] | None = None) -> int:

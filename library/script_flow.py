@@ -115,8 +115,11 @@ def build_optimizer(session: Session, params: list[dict[str, Any]], plan: Traini
 def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, optimizer: Any, lr_scheduler: Any,
                  optimizer_description: str, save_extension: str, project_name: str,
                  extra_logs: Callable[[], dict[str, float]] | None = None,
-                 register_for_checkpointing: tuple[Any, ...] = ()) -> int:
-    """Prepare, resume, print the summary, train, and say where the result is."""
+                 register_for_checkpointing: tuple[Any, ...] = (), clip_in_loop: bool = True) -> int:
+    """Prepare, resume, print the summary, train, and say where the result is.
+
+    ``clip_in_loop=False`` when the optimizer clips by itself (the fused backward pass clips each tensor).
+    """
     args, accelerator, model = session.args, session.accelerator, session.model
     prepared = accelerate_utils.prepare_for_deepspeed(accelerator, trainee.trainable_modules(), optimizer, lr_scheduler)
     trainee.use_prepared(prepared.models)
@@ -134,7 +137,7 @@ def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, opt
         prediction_type=model.prediction_type,
         alphas_cumprod=noise.noise_schedule(dict(model.scheduler.config), noise_options.zero_terminal_snr).to(accelerator.device),
         noise_options=noise_options, loss_options=noise.loss_options_from_args(args),
-        save=SaveSettings.from_args(args, save_extension), max_grad_norm=args.max_grad_norm,
+        save=SaveSettings.from_args(args, save_extension), max_grad_norm=args.max_grad_norm if clip_in_loop else 0.0,
         prior_loss_weight=session.data.prior_loss_weight, vae_dtype=session.vae_dtype, weight_dtype=session.weight_dtype,
         start=start, extra_logs=extra_logs,
     )

@@ -176,3 +176,16 @@ def test_ema_state_resumes_exactly(tiny_model_dirs, sample_data, tmp_path):
     b = load_model(tmp_path / "second" / "model.safetensors").unet.state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adafactor"])
+def test_fused_backward_pass_gives_the_plain_step_weights(tiny_model_dirs, sample_data, tmp_path, optimizer):
+    extra = ("--optimizer_type", optimizer, "--save_model_as", "safetensors", "--max_grad_norm", "0")
+    model = tiny_model_dirs["sdxl"]
+    assert train_sdxl.main(args_for(model, sample_data, tmp_path / "plain", 2, *extra)) == 0
+    assert train_sdxl.main(args_for(model, sample_data, tmp_path / "fused", 2, *extra, "--fused_backward_pass")) == 0
+    plain = load_model(tmp_path / "plain" / "model.safetensors").unet.state_dict()
+    fused = load_model(tmp_path / "fused" / "model.safetensors").unet.state_dict()
+    assert changed(plain, load_model(model).unet.state_dict())
+    for key in plain:
+        torch.testing.assert_close(fused[key], plain[key], rtol=1e-5, atol=1e-7)
