@@ -295,3 +295,30 @@ def test_ddp_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path):
     # 6 images over 2 ranks: 3 batches each, so 3 optimizer steps per epoch with a global batch of 2
     assert "x 2 process(es) = 2" in result.stdout and "optimizer steps: 3 per epoch" in result.stdout
     assert (output / "lora.safetensors").is_file()
+
+
+def test_schedule_free_optimizer_switches_to_eval_for_samples_and_saves(tiny_model_dirs, sample_data, tmp_path,
+                                                                        monkeypatch):
+    import library.run_setup as run_setup
+    from library.optim import is_schedule_free
+
+    modes = []
+    original = run_setup.sampling.generate_samples
+
+    def record(*args, **kwargs):
+        import gc
+
+        optimizers = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer) and is_schedule_free(o)]
+        modes.append({o.param_groups[0]["train_mode"] for o in optimizers})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_setup.sampling, "generate_samples", record)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a circle --w 64 --h 64 --s 1\n")
+    output = tmp_path / "out"
+    assert train_network.main(base_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--optimizer_type",
+                                        "AdamWScheduleFree", "--sample_prompts", str(prompts),
+                                        "--sample_every_n_steps", "2")) == 0
+    assert modes == [{False}]  # sampled with the averaged (eval-mode) weights
+    with safe_open(str(output / "lora.safetensors"), "pt") as handle:
+        assert "schedulefree" in handle.metadata()["ss_optimizer"].lower()
