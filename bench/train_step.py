@@ -1,8 +1,10 @@
-"""Seconds per LoRA optimizer step and peak memory, through the real ``train_network.py`` path.
+"""Seconds per optimizer step and peak memory of LoRA (``train_network.py``) and full fine-tune (``train_sdxl.py``).
 
-    python bench/train_step.py [--families sd15 sd21 sdxl] [--resolutions 64 128] [--checkpointing both] [--threads 1]
-                               [--warmup 2] [--steps 8] [--json OUT]
-    python bench/train_step.py --full_size [--rank 16] [--resolution 1024] [--json OUT]   # meant for a GPU
+    python bench/train_step.py [--trainers lora finetune] [--families sd15 sd21 sdxl] [--resolutions 64 128]
+                               [--checkpointing both] [--finetune_setups ...] [--finetune_resolution 64]
+                               [--threads 1] [--warmup 2] [--steps 8] [--json OUT]
+    python bench/train_step.py --full_size [--trainers lora finetune] [--rank 16] [--resolution 1024]
+                               [--finetune_setups adamw adamw8bit adafactor_fused adamw_ema] [--json OUT]  # a GPU
 
 Tiny rows (default): for each family a tiny random diffusers folder (``library.tiny_models.make_tiny_model``)
 and a shapes dataset (``tools/make_sample_dataset.py``) are written to a temporary folder, and
@@ -27,12 +29,30 @@ latents (1024 px -> 128x128) and random text embeddings, MSE loss, backward, gra
 LoRA weights. That row measures the model step only: no data pipeline, VAE or text encoders (as with
 --cache_latents --cache_text_encoder_outputs --network_train_unet_only). On CPU it refuses unless
 ``--allow_cpu`` (minutes per step). Not run by CI.
+
+Full fine-tune rows (``--trainers finetune``, ``FINETUNE_SETUPS``): each setup is a list of ``train_sdxl.py``
+flags (optimizer, --gradient_checkpointing, --fused_backward_pass, --use_ema --ema_device cpu). Tiny rows run
+``train_sdxl.main([...])`` on the tiny SDXL folder, timed by the same ``extra_logs`` clock (the loop calls
+``trainee.after_step`` - the EMA update - before ``extra_logs``, so the EMA is inside the step time). UNet only
+unless ``--train_text_encoder``. Why the clock is installed on ``library.script_flow``: both scripts hand the
+run to ``script_flow.run_training``, which calls ``train`` through its own module globals, so that is the name
+to swap (``clocked_train`` also swaps any script module that bound ``train`` itself).
+
+``--full_size`` fine-tune rows parse the same setup flags with ``train_sdxl``'s parser plus ``--mixed_precision
+bf16 --full_bf16``, and build the optimizer (``library.optim``, or ``library.fused_backward`` for
+--fused_backward_pass) and the EMA (``library.ema``) exactly as ``train_sdxl`` does, on the random-init full-size
+SDXL UNet in bf16. One step: UNet forward under bf16 autocast at 1024 px, MSE, backward (the fused optimizer
+steps inside it), global grad clipping unless fused (fused clips per tensor), optimizer and scheduler step,
+EMA update. Every UNet weight trains. Peak memory is ``torch.cuda.max_memory_allocated``; the bf16 weights
+are already held when the window opens ("start"); gradients, optimizer state and activations are what
+the row adds. The CPU EMA copy is not CUDA memory, so its host peak RSS goes in the note.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -72,6 +92,35 @@ class Row:
     memory_kind: str
     step_times_s: list[float] = field(default_factory=list)
     note: str = ""
+    script: str = "train_network.py"
+    setup: str = ""  # fine-tune rows: the FinetuneSetup label (optimizer, checkpointing, fused, EMA)
+
+
+@dataclass(frozen=True)
+class FinetuneSetup:
+    """One full fine-tune configuration, as the ``train_sdxl.py`` flags that select it."""
+
+    name: str
+    label: str
+    flags: tuple[str, ...]
+
+
+_ADAFACTOR_FIXED_LR = ("--optimizer_type", "Adafactor", "--optimizer_args", "scale_parameter=False",
+                       "relative_step=False", "warmup_init=False")  # kohya's SDXL fine-tune recipe (fixed LR)
+FINETUNE_SETUPS: tuple[FinetuneSetup, ...] = (
+    FinetuneSetup("adamw", "AdamW", ("--optimizer_type", "AdamW")),
+    FinetuneSetup("adamw_gc", "AdamW + grad ckpt", ("--optimizer_type", "AdamW", "--gradient_checkpointing")),
+    FinetuneSetup("adamw8bit", "AdamW8bit", ("--optimizer_type", "AdamW8bit")),
+    FinetuneSetup("adafactor", "Adafactor", _ADAFACTOR_FIXED_LR),
+    FinetuneSetup("adafactor_fused", "Adafactor + fused backward", _ADAFACTOR_FIXED_LR + ("--fused_backward_pass",)),
+    FinetuneSetup("adamw_ema", "AdamW + EMA (cpu)", ("--optimizer_type", "AdamW", "--use_ema", "--ema_device", "cpu")),
+)
+TINY_FINETUNE_DEFAULT = ("adamw", "adamw_gc", "adafactor", "adafactor_fused", "adamw_ema")
+FULL_SIZE_FINETUNE_DEFAULT = ("adamw", "adamw8bit", "adafactor_fused", "adamw_ema")
+
+
+def finetune_setup(name: str) -> FinetuneSetup:
+    return next(setup for setup in FINETUNE_SETUPS if setup.name == name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,23 +211,37 @@ class StepClock:
         return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
+# Where the loop's ``train`` is looked up: run_training (shared by both scripts) calls it through
+# script_flow's globals; a script that imports ``train`` itself would call its own binding.
+TRAIN_CALLERS = ("library.script_flow", "train_network", "train_sdxl")
+
+
 @contextlib.contextmanager
 def clocked_train(clock: StepClock) -> Iterator[None]:
-    """Swap ``train_network.train`` for a wrapper that installs the clock on the run, then put it back."""
-    import train_network
+    """Swap ``library.training.train`` wherever a trainer calls it for a wrapper that installs the clock on
+    the run, then put it back. Fails loudly if nothing was swapped, so the bench cannot silently time nothing."""
+    import importlib
 
-    real_train = train_network.train
+    from library import training
+
+    real_train = training.train
 
     def timed_train(run: Any) -> Any:
         run.extra_logs = clock.wrap(run.extra_logs)
         clock.stamps.append(time.perf_counter())
         return real_train(run)
 
-    train_network.train = timed_train
+    swapped = [module for module in map(importlib.import_module, TRAIN_CALLERS)
+               if getattr(module, "train", None) is real_train]
+    if not swapped:
+        raise RuntimeError(f"none of {TRAIN_CALLERS} calls library.training.train: the step clock cannot be installed")
+    for module in swapped:
+        module.train = timed_train
     try:
         yield
     finally:
-        train_network.train = real_train
+        for module in swapped:
+            module.train = real_train
 
 
 def reset_accelerate_state() -> None:
@@ -202,27 +265,62 @@ def train_args(model_dir: Path, data_dir: Path, output_dir: Path, resolution: in
     return args + (["--gradient_checkpointing"] if gradient_checkpointing else [])
 
 
+def timed_main(main: Callable[[list[str]], int], argv: list[str], what: str, warmup: int,
+               steps: int) -> tuple[list[float], dict[str, Any], torch.device]:
+    """Run a trainer's ``main(argv)`` in this process under the step clock and the peak-memory window."""
+    reset_accelerate_state()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = StepClock(device)
+    with peak_memory(device) as memory, clocked_train(clock):
+        code = main(argv)
+    reset_accelerate_state()
+    if code != 0:
+        raise RuntimeError(f"{what}: main exited with {code}")
+    timed = clock.step_times()[warmup:]
+    if len(timed) != steps:
+        raise RuntimeError(f"{what}: expected {steps} timed steps, the loop reported {len(timed)}")
+    return timed, memory, device
+
+
 def tiny_row(family: str, model_dir: Path, data_dir: Path, work: Path, resolution: int, batch_size: int,
              gradient_checkpointing: bool, warmup: int, steps: int) -> Row:
     import train_network
 
-    reset_accelerate_state()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    clock = StepClock(device)
     output = Path(tempfile.mkdtemp(prefix=f"{family}-{resolution}-", dir=work))
     argv = train_args(model_dir, data_dir, output, resolution, batch_size, gradient_checkpointing, warmup + steps)
-    with peak_memory(device) as memory, clocked_train(clock):
-        code = train_network.main(argv)
-    reset_accelerate_state()
-    if code != 0:
-        raise RuntimeError(f"train_network.main exited with {code} for {family} at {resolution} px")
-    timed = clock.step_times()[warmup:]
-    if len(timed) != steps:
-        raise RuntimeError(f"expected {steps} timed steps, the loop reported {len(timed)}")
+    timed, memory, device = timed_main(train_network.main, argv, f"train_network {family} {resolution} px",
+                                       warmup, steps)
     return Row(f"tiny {family}", resolution, batch_size, gradient_checkpointing, device.type, "fp32",
                statistics.median(timed), min(timed), max(timed), len(timed), memory["peak_mib"],
                memory["start_mib"], memory["kind"], timed,
                "train_network.main: data + VAE + text encoders + UNet, LoRA on UNet and text encoder(s)")
+
+
+def finetune_args(model_dir: Path, data_dir: Path, output_dir: Path, resolution: int, batch_size: int,
+                  total_steps: int, setup: FinetuneSetup, train_text_encoder: bool) -> list[str]:
+    """train_sdxl.py flags: its defaults (lr 1e-6, max_grad_norm 1, fp32) plus the setup's flags."""
+    args = ["--pretrained_model_name_or_path", str(model_dir), "--in_json", str(data_dir / "meta.json"),
+            "--train_data_dir", str(data_dir / "images"), "--resolution", str(resolution),
+            "--train_batch_size", str(batch_size), "--seed", "0", "--max_data_loader_n_workers", "0",
+            "--output_dir", str(output_dir), "--output_name", "bench", "--max_train_steps", str(total_steps),
+            *setup.flags]
+    return args + (["--train_text_encoder"] if train_text_encoder else [])
+
+
+def tiny_finetune_row(setup: FinetuneSetup, model_dir: Path, data_dir: Path, work: Path, resolution: int,
+                      batch_size: int, train_text_encoder: bool, warmup: int, steps: int) -> Row:
+    import train_sdxl
+
+    output = Path(tempfile.mkdtemp(prefix=f"finetune-{setup.name}-", dir=work))
+    argv = finetune_args(model_dir, data_dir, output, resolution, batch_size, warmup + steps, setup,
+                         train_text_encoder)
+    timed, memory, device = timed_main(train_sdxl.main, argv, f"train_sdxl {setup.name}", warmup, steps)
+    trained = "UNet + both text encoders" if train_text_encoder else "UNet"
+    return Row("tiny sdxl", resolution, batch_size, "--gradient_checkpointing" in setup.flags, device.type, "fp32",
+               statistics.median(timed), min(timed), max(timed), len(timed), memory["peak_mib"],
+               memory["start_mib"], memory["kind"], timed,
+               f"train_sdxl.main: data + VAE + text encoders + UNet; {trained} trained; {' '.join(setup.flags)}",
+               script="train_sdxl.py", setup=setup.label)
 
 
 def prepare_inputs(work: Path, families: list[str], max_resolution: int, images: int) -> tuple[dict[str, Path], Path]:
@@ -239,18 +337,29 @@ def prepare_inputs(work: Path, families: list[str], max_resolution: int, images:
 def tiny_rows(args: argparse.Namespace) -> list[Row]:
     rows = []
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    lora = "lora" in args.trainers
+    setups = [finetune_setup(name) for name in args.finetune_setups or TINY_FINETUNE_DEFAULT] \
+        if "finetune" in args.trainers else []
+    families = sorted(set(args.families if lora else []) | ({"sdxl"} if setups else set()))
+    max_resolution = max((args.resolutions if lora else []) + ([args.finetune_resolution] if setups else []))
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as temp:
         work = Path(temp)
-        models, data = prepare_inputs(work, args.families, max(args.resolutions),
+        models, data = prepare_inputs(work, families, max_resolution,
                                       images=max(4, args.batch_size * (args.warmup + args.steps)))
-        for family in args.families:
+        for family in args.families if lora else []:
             for resolution in args.resolutions:
-                for gc in checkpointing:
-                    row = tiny_row(family, models[family], data, work, resolution, args.batch_size, gc,
+                for gc_on in checkpointing:
+                    row = tiny_row(family, models[family], data, work, resolution, args.batch_size, gc_on,
                                    args.warmup, args.steps)
-                    print(f"# {row.model} {resolution}px gc={gc}: median {row.median_step_s:.3f} s/step, "
+                    print(f"# {row.model} {resolution}px gc={gc_on}: median {row.median_step_s:.3f} s/step, "
                           f"peak {row.peak_mib:.0f} MiB", file=sys.stderr, flush=True)
                     rows.append(row)
+        for setup in setups:
+            row = tiny_finetune_row(setup, models["sdxl"], data, work, args.finetune_resolution, args.batch_size,
+                                    args.train_text_encoder, args.warmup, args.steps)
+            print(f"# fine-tune {setup.label}: median {row.median_step_s:.3f} s/step, peak {row.peak_mib:.0f} MiB",
+                  file=sys.stderr, flush=True)
+            rows.append(row)
     return rows
 
 
@@ -275,13 +384,73 @@ def build_full_size_unet(device: torch.device, dtype: torch.dtype) -> torch.nn.M
     return unet.to(dtype=dtype).eval().requires_grad_(False)
 
 
-def full_size_row(args: argparse.Namespace) -> Row:
-    from networks.lora import create_network
-
+def full_size_device(args: argparse.Namespace) -> torch.device:
+    """The device for the full-size rows; a CPU only when asked for (minutes per step)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and not args.allow_cpu:
         raise SystemExit("--full_size builds the 2.6B-parameter SDXL UNet and steps it at 1024 px: minutes per "
                          "step on a CPU. Run it on a GPU, or pass --allow_cpu to measure it here anyway.")
+    return device
+
+
+@dataclass
+class UNetInputs:
+    """Random latents, target and SDXL conditioning for one full-size step (the same every step)."""
+
+    latents: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor]
+
+
+def random_unet_inputs(unet: torch.nn.Module, resolution: int, batch: int, device: torch.device,
+                       dtype: torch.dtype) -> UNetInputs:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    latent = resolution // 8
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device)
+
+    config = unet.config  # SDXL: 2048-wide hidden states, 1280-wide pooled embedding, 6 x 256 time ids
+    pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    latents, target = randn(batch, 4, latent, latent).to(dtype), randn(batch, 4, latent, latent)
+    hidden = randn(batch, 77, config.cross_attention_dim).to(dtype)
+    added = {"text_embeds": randn(batch, pooled_width).to(dtype),
+             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                      device=device, dtype=dtype).repeat(batch, 1)}
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    return UNetInputs(latents, target, timesteps, hidden, added)
+
+
+def unet_loss(unet: torch.nn.Module, inputs: UNetInputs, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=dtype):
+        prediction = unet(inputs.latents, inputs.timesteps, encoder_hidden_states=inputs.hidden,
+                          added_cond_kwargs=inputs.added).sample
+    return torch.nn.functional.mse_loss(prediction.float(), inputs.target)
+
+
+def timed_steps(step: Callable[[int], None], device: torch.device, warmup: int, steps: int,
+                what: str) -> tuple[list[float], dict[str, Any]]:
+    """Call ``step(index)`` warmup + steps times inside the peak-memory window; the times after warm-up."""
+    times = []
+    with peak_memory(device) as memory:
+        for index in range(warmup + steps):
+            start = time.perf_counter()
+            step(index)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            if index >= warmup:
+                times.append(elapsed)
+            print(f"# {what} step {index + 1}: {elapsed:.3f} s", file=sys.stderr, flush=True)
+    return times, memory
+
+
+def full_size_row(args: argparse.Namespace) -> Row:
+    from networks.lora import create_network
+
+    device = full_size_device(args)
     dtype = torch.bfloat16
     unet = build_full_size_unet(device, dtype)
     network = create_network(1.0, args.rank, float(args.rank), None, [], unet)
@@ -292,48 +461,86 @@ def full_size_row(args: argparse.Namespace) -> Row:
         unet.train()  # diffusers checkpoints only in train mode; the frozen UNet has no dropout
     params = [p for p in network.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    inputs = random_unet_inputs(unet, args.resolution, args.batch_size, device, dtype)
 
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    latent = args.resolution // 8
-    batch = args.batch_size
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(device)
-
-    config = unet.config  # SDXL: 2048-wide hidden states, 1280-wide pooled embedding, 6 x 256 time ids
-    pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    latents, target = randn(batch, 4, latent, latent).to(dtype), randn(batch, 4, latent, latent)
-    hidden = randn(batch, 77, config.cross_attention_dim).to(dtype)
-    added = {"text_embeds": randn(batch, pooled_width).to(dtype),
-             "time_ids": torch.tensor([[args.resolution, args.resolution, 0, 0, args.resolution, args.resolution]],
-                                      device=device, dtype=dtype).repeat(batch, 1)}
-    timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype):
-            prediction = unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), target)
-        loss.backward()
+    def step(index: int) -> None:
+        unet_loss(unet, inputs, device, dtype).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    times = []
-    with peak_memory(device) as memory:
-        for index in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            step()
-            if index >= args.warmup:
-                times.append(time.perf_counter() - start)
-            print(f"# full-size step {index + 1}: {time.perf_counter() - start:.3f} s", file=sys.stderr, flush=True)
+    times, memory = timed_steps(step, device, args.warmup, args.steps, "full-size LoRA")
     lora_params = sum(p.numel() for p in params)
-    return Row("SDXL full-size (random init)", args.resolution, batch, bool(args.gradient_checkpointing),
+    return Row("SDXL full-size (random init)", args.resolution, args.batch_size, bool(args.gradient_checkpointing),
                device.type, "bf16 weights + autocast", statistics.median(times), min(times), max(times),
                len(times), memory["peak_mib"], memory["start_mib"], memory["kind"], times,
                f"model step only (UNet fwd+bwd+clip+AdamW), LoRA rank {args.rank} on UNet "
                f"({lora_params / 1e6:.1f}M params); no data pipeline/VAE/text encoders")
+
+
+def full_size_finetune_row(args: argparse.Namespace, setup: FinetuneSetup) -> Row:
+    """Every weight of the full-size UNet trains, with train_sdxl's optimizer / fused backward / EMA code."""
+    import train_sdxl
+    from library import config, ema, fused_backward, optim
+
+    device = full_size_device(args)
+    flags = [*setup.flags, "--mixed_precision", "bf16", "--full_bf16"]
+    if args.gradient_checkpointing and "--gradient_checkpointing" not in flags:
+        flags.append("--gradient_checkpointing")
+    parsed = config.parse_args(train_sdxl.build_parser(), flags)  # train_sdxl's defaults: lr 1e-6, max_grad_norm 1
+    settings = optim.optimizer_settings_from_args(parsed)
+    total_steps = args.warmup + args.steps
+    dtype = torch.bfloat16
+    unet = build_full_size_unet(device, dtype).requires_grad_(True).train()  # --full_bf16: bf16 weights train
+    if parsed.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [{"params": list(unet.parameters()), "lr": settings.learning_rate, "name": "unet"}]
+    if parsed.fused_backward_pass:
+        optimizer, scheduler, description = fused_backward.build_fused_optimizer_and_scheduler(
+            settings, params, total_steps, parsed.max_grad_norm)
+    else:
+        optimizer, scheduler, description = optim.build_optimizer_and_scheduler(settings, params, total_steps)
+    ema_settings = ema.ema_settings_from_args(parsed)
+    averaged = ema.ExponentialMovingAverage({f"unet.{k}": p for k, p in unet.named_parameters()}, ema_settings) \
+        if ema_settings is not None else None
+    inputs = random_unet_inputs(unet, args.resolution, args.batch_size, device, dtype)
+    clip = parsed.max_grad_norm if not parsed.fused_backward_pass else 0.0  # fused clips each tensor in its hook
+
+    def step(index: int) -> None:
+        unet_loss(unet, inputs, device, dtype).backward()  # the fused optimizer steps every tensor in here
+        if clip:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if averaged is not None:
+            averaged.maybe_update(index + 1)
+
+    host_resettable = reset_peak_rss()
+    times, memory = timed_steps(step, device, args.warmup, args.steps, f"full-size fine-tune {setup.name}")
+    host_peak, _ = peak_rss_mib(host_resettable)
+    count = sum(p.numel() for p in unet.parameters())
+    if parsed.fused_backward_pass:
+        optimizer.remove_hooks()  # the hooks hold the parameters; the next row needs this UNet freed
+    return Row("SDXL full-size (random init)", args.resolution, args.batch_size, bool(parsed.gradient_checkpointing),
+               device.type, "bf16 weights (--full_bf16) + autocast", statistics.median(times), min(times),
+               max(times), len(times), memory["peak_mib"], memory["start_mib"], memory["kind"], times,
+               f"model step only (UNet fwd+bwd+{'per-tensor clip in hooks' if not clip else 'clip'}+optimizer"
+               f"{'+EMA' if averaged is not None else ''}), all {count / 1e6:,.1f}M UNet params trained; "
+               f"{description}; host peak RSS {host_peak:.0f} MiB; no data pipeline/VAE/text encoders",
+               script="train_sdxl.py", setup=setup.label)
+
+
+def full_size_rows(args: argparse.Namespace) -> list[Row]:
+    """Each row builds its own UNet; everything of the previous row is freed first so peaks do not add up."""
+    rows = [full_size_row(args)] if "lora" in args.trainers else []
+    names = (args.finetune_setups or FULL_SIZE_FINETUNE_DEFAULT) if "finetune" in args.trainers else ()
+    for name in names:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rows.append(full_size_finetune_row(args, finetune_setup(name)))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,20 +565,33 @@ def environment() -> dict[str, Any]:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| model | px | batch | grad ckpt | device | precision | median s/step | min | max | steps | "
+    """One table; a "setup" column after "model" when any row has one (the fine-tune rows)."""
+    with_setup = any(r.setup for r in rows)
+    setup_head, setup_rule = ("setup | ", "---|") if with_setup else ("", "")
+    lines = [f"| model | {setup_head}px | batch | grad ckpt | device | precision | median s/step | min | max | steps | "
              "peak MiB | start MiB | peak - start | memory |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"|---|{setup_rule}---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         start = "-" if r.start_mib is None else f"{r.start_mib:.0f}"
         growth = "-" if r.start_mib is None else f"{r.peak_mib - r.start_mib:.0f}"
-        lines.append(f"| {r.model} | {r.resolution} | {r.batch_size} | {'yes' if r.gradient_checkpointing else 'no'} | "
+        setup = f"{r.setup} | " if with_setup else ""
+        lines.append(f"| {r.model} | {setup}{r.resolution} | {r.batch_size} | "
+                     f"{'yes' if r.gradient_checkpointing else 'no'} | "
                      f"{r.device} | {r.precision} | {r.median_step_s:.3f} | {r.min_step_s:.3f} | {r.max_step_s:.3f} | "
                      f"{r.steps_timed} | {r.peak_mib:.0f} | {start} | {growth} | {r.memory_kind} |")
     return "\n".join(lines)
 
 
+def markdown_tables(rows: list[Row]) -> str:
+    """One table per trainer script, headed by its name, in the order the rows ran."""
+    scripts = list(dict.fromkeys(r.script for r in rows))
+    return "\n\n".join(f"{script}\n\n{markdown_table([r for r in rows if r.script == script])}" for script in scripts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trainers", nargs="+", choices=("lora", "finetune"), default=["lora", "finetune"],
+                        help="lora: train_network.py rows; finetune: train_sdxl.py full fine-tune rows")
     parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="tiny rows: square px")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
@@ -379,12 +599,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps timed (median reported)")
-    parser.add_argument("--full_size", action="store_true", help="full-size SDXL UNet + LoRA model step (GPU)")
+    parser.add_argument("--finetune_setups", nargs="+", choices=[f.name for f in FINETUNE_SETUPS], default=None,
+                        help=f"fine-tune rows (default tiny: {' '.join(TINY_FINETUNE_DEFAULT)}; "
+                             f"--full_size: {' '.join(FULL_SIZE_FINETUNE_DEFAULT)})")
+    parser.add_argument("--finetune_resolution", type=int, default=64, help="tiny fine-tune rows: square px")
+    parser.add_argument("--train_text_encoder", action="store_true",
+                        help="tiny fine-tune rows: also train both text encoders (train_sdxl --train_text_encoder)")
+    parser.add_argument("--full_size", action="store_true",
+                        help="full-size SDXL UNet model step, LoRA and/or full fine-tune (GPU)")
     parser.add_argument("--allow_cpu", action="store_true", help="let --full_size run on a CPU")
     parser.add_argument("--device", default=None, help="--full_size device (default: cuda if available)")
     parser.add_argument("--resolution", type=int, default=1024, help="--full_size: square px")
     parser.add_argument("--rank", type=int, default=16, help="--full_size: LoRA rank (alpha = rank)")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="--full_size: checkpoint the UNet")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="--full_size: checkpoint the UNet in every row (tiny rows use --checkpointing and "
+                             "the adamw_gc fine-tune setup)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before measuring; 1 gives stable numbers on a loaded machine "
                              "(spinning OpenMP threads that compete with other processes slow every step)")
@@ -399,11 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env_before = environment()
-    rows = [full_size_row(args)] if args.full_size else tiny_rows(args)
+    rows = full_size_rows(args) if args.full_size else tiny_rows(args)
     env = {**env_before, "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     print(f"torch {env['torch']}, {env['nproc']} CPUs ({env['cpu']}), {env['torch_threads']} torch threads, "
           f"load average before {env.get('loadavg_1_5_15')}, after {env['loadavg_after']}")
-    print(markdown_table(rows))
+    print(markdown_tables(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     return 0
