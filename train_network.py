@@ -25,8 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from library import accelerate_utils, config, noise, optim, sampling, script_flow, validation  # noqa: E402
-from library.run_setup import user_errors  # noqa: E402
+from library import config, script_flow  # noqa: E402
 from library.text_encoding import EncodedPrompts  # noqa: E402
 from library.training_metadata import per_save_metadata, tag_frequency, training_metadata  # noqa: E402
 
@@ -46,24 +45,13 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scale_weight_norms", type=float, default=None, help="max-norm regularisation of LoRA weights")
     group.add_argument("--no_metadata", action="store_true", help="write only the metadata a loader needs")
     group.add_argument("--training_comment", default=None)
-    group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 (the SDXL VAE overflows in fp16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config.build_parser(
-        __doc__,
-        config.add_model_arguments,
-        config.add_dataset_arguments,
-        partial(config.add_training_arguments, default_learning_rate=1e-4),
+    return script_flow.build_script_parser(
+        __doc__, 1e-4,
         partial(config.add_saving_arguments, model_formats=("safetensors", "ckpt", "pt"), default_model_format="safetensors"),
-        add_network_arguments,
-        optim.add_optimizer_arguments,
-        noise.add_noise_arguments,
-        noise.add_loss_arguments,
-        sampling.add_sampling_arguments,
-        validation.add_validation_arguments,
-        accelerate_utils.add_accelerate_arguments,
-    )
+        add_network_arguments)
 
 
 def parse_network_args(items: list[str] | None) -> dict[str, str]:
@@ -152,13 +140,7 @@ def create_network(args: argparse.Namespace, model: Any, module: Any) -> nn.Modu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = config.parse_args(parser, argv)
-    try:
-        return train_network(args, parser)
-    except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return script_flow.run_main(build_parser(), train_network, argv)
 
 
 def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

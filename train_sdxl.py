@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import os
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from library import accelerate_utils, config, ema, fused_backward, noise, optim, sampling, script_flow, validation  # noqa: E402, E501
+from library import config, ema, fused_backward, optim, script_flow  # noqa: E402
 from library.models import StableDiffusionModel, is_single_file, save_diffusers, save_single_file  # noqa: E402
-from library.run_setup import user_errors  # noqa: E402
 from library.sdxl_blocks import block_param_groups, parse_block_lr  # noqa: E402
 from library.text_encoding import EncodedPrompts, PromptEncoder  # noqa: E402
 
@@ -43,26 +41,11 @@ def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block_lr", type=str, default=None,
                        help="23 comma-separated UNet learning rates: 0 time/label embedding, 1-9 input blocks, "
                             "10-12 middle, 13-21 output blocks, 22 out; 0 freezes a block")
-    group.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 (the SDXL VAE overflows in fp16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config.build_parser(
-        __doc__,
-        config.add_model_arguments,
-        config.add_dataset_arguments,
-        partial(config.add_training_arguments, default_learning_rate=1e-6),
-        config.add_saving_arguments,
-        add_sdxl_arguments,
-        ema.add_ema_arguments,
-        fused_backward.add_fused_backward_arguments,
-        optim.add_optimizer_arguments,
-        noise.add_noise_arguments,
-        noise.add_loss_arguments,
-        sampling.add_sampling_arguments,
-        validation.add_validation_arguments,
-        accelerate_utils.add_accelerate_arguments,
-    )
+    return script_flow.build_script_parser(__doc__, 1e-6, config.add_saving_arguments, add_sdxl_arguments,
+                                           ema.add_ema_arguments, fused_backward.add_fused_backward_arguments)
 
 
 def freeze_unused_text_encoder_1_layers(text_encoder: nn.Module) -> None:
@@ -205,13 +188,7 @@ def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = config.parse_args(parser, argv)
-    try:
-        return train_sdxl(args, parser)
-    except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return script_flow.run_main(build_parser(), train_sdxl, argv)
 
 
 if __name__ == "__main__":

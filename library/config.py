@@ -104,6 +104,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prompt length in tokens, a multiple of 75 (75, 150, 225, ...); default 75")
     group.add_argument("--tokenizer_cache_dir", type=str, default=None,
                        help="accepted for compatibility with kohya; tokenizers are bundled and never downloaded")
+    group.add_argument("--no_half_vae", action="store_true",
+                       help="keep the VAE in fp32 under mixed precision (the SDXL VAE overflows in fp16)")
     add_validator(parser, _check_max_token_length)
 
 

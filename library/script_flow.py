@@ -12,13 +12,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from library import accelerate_utils, noise, optim, validation
+from library import accelerate_utils, config, noise, optim, sampling, validation
 from library.checkpoints import SaveSettings, TrainState, load_training_state, read_training_state
 from library.models import StableDiffusionModel, load_model
 from library.run_setup import (
@@ -31,9 +33,43 @@ from library.run_setup import (
     move_module,
     print_summary,
     start_logging,
+    user_errors,
 )
 from library.text_encoding import PromptEncoder
 from library.training import Trainee, TrainingPlan, TrainingRun, make_plan, train
+
+
+ArgumentAdder = Callable[[argparse.ArgumentParser], None]
+
+
+def build_script_parser(description: str, default_learning_rate: float, saving: ArgumentAdder,
+                        *script_groups: ArgumentAdder) -> argparse.ArgumentParser:
+    """Every script's flags: the shared groups around the script's own (``script_groups``)."""
+    return config.build_parser(
+        description,
+        config.add_model_arguments,
+        config.add_dataset_arguments,
+        partial(config.add_training_arguments, default_learning_rate=default_learning_rate),
+        saving,
+        *script_groups,
+        optim.add_optimizer_arguments,
+        noise.add_noise_arguments,
+        noise.add_loss_arguments,
+        sampling.add_sampling_arguments,
+        validation.add_validation_arguments,
+        accelerate_utils.add_accelerate_arguments,
+    )
+
+
+def run_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace, argparse.ArgumentParser], int],
+             argv: list[str] | None = None) -> int:
+    """Parse (with --config_file), run ``body``, and turn errors in the user's files or flags into one line."""
+    args = config.parse_args(parser, argv)
+    try:
+        return body(args, parser)
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 @dataclass
