@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,6 @@ import train_network
 from library.checkpoints import read_training_state
 from tools.make_sample_dataset import make_sample_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -155,21 +150,11 @@ def test_dataset_problems_are_reported_before_the_model_is_loaded(sample_data, t
     assert "no_such_model" not in err  # the data was checked first
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def test_deepspeed_zero2_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path):
+def test_deepspeed_zero2_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path, launch_two_cpu_processes):
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(ROOT / "train_network.py"),
-               *base_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--deepspeed", "--zero_stage", "2")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = launch_two_cpu_processes(
+        "train_network.py", base_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--deepspeed", "--zero_stage", "2"))
     assert "x 2 process(es) = 2" in result.stdout
     tensors = lora_tensors(output / "lora.safetensors")
     ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
@@ -283,15 +268,9 @@ def test_bf16_mixed_precision_with_bf16_network_and_gradient_checkpointing(tiny_
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
 
 
-def test_ddp_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path):
+def test_ddp_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path, launch_two_cpu_processes):
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(ROOT / "train_network.py"),
-               *base_args(tiny_model_dirs["sd15"], sample_data, output, 2)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = launch_two_cpu_processes("train_network.py", base_args(tiny_model_dirs["sd15"], sample_data, output, 2))
     # 6 images over 2 ranks: 3 batches each, so 3 optimizer steps per epoch with a global batch of 2
     assert "x 2 process(es) = 2" in result.stdout and "optimizer steps: 3 per epoch" in result.stdout
     assert (output / "lora.safetensors").is_file()
