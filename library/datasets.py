@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from library.cache import CachedLatents, TextEncoderOutputCache, load_cached_latents
@@ -185,7 +186,22 @@ class Sample:
     text_pooled: torch.Tensor | None = None  # (P,) SDXL only
 
 
-def load_sample_pixels(record: ImageRecord, rng: random.Random
+ConditioningFilter = Callable[[Image.Image], Image.Image]
+
+
+def conditioning_image(record: ImageRecord, plan: CropPlan, conditioning_filter: ConditioningFilter | None = None,
+                       cropped_target: Image.Image | None = None) -> torch.Tensor | None:
+    """The ControlNet condition of one draw, pixel-aligned with the target: the record's conditioning image
+    under the target's own crop plan, or ``conditioning_filter`` applied to the cropped target itself."""
+    if conditioning_filter is not None:
+        target = cropped_target if cropped_target is not None else apply_crop_plan(load_rgb(record.image_path), plan)
+        return to_tensor(conditioning_filter(target))
+    if record.conditioning_path is not None:
+        return to_tensor(apply_crop_plan(load_rgb(record.conditioning_path), plan))
+    return None
+
+
+def load_sample_pixels(record: ImageRecord, rng: random.Random, conditioning_filter: ConditioningFilter | None = None
                        ) -> tuple[torch.Tensor, CropPlan, torch.Tensor | None, torch.Tensor | None]:
     """Decode and transform one record's image (and its mask and conditioning image with the same plan)."""
     if record.bucket is None:
@@ -195,16 +211,15 @@ def load_sample_pixels(record: ImageRecord, rng: random.Random
     plan = plan_crop(loaded.rgb.size, record.bucket.bucket, random_crop=subset.random_crop,
                      flip_aug=subset.flip_aug, rng=rng)
     image = apply_crop_plan(loaded.rgb, plan)
+    cond = conditioning_image(record, plan, conditioning_filter, cropped_target=image)
     if subset.color_aug:
         image = color_jitter(image, rng)
     mask = mask_to_tensor(apply_crop_plan(loaded.alpha, plan)) if loaded.alpha is not None else None
-    cond = None
-    if record.conditioning_path is not None:
-        cond = to_tensor(apply_crop_plan(load_rgb(record.conditioning_path), plan))
     return to_tensor(image), plan, mask, cond
 
 
-def load_sample_latents(record: ImageRecord, location: LatentCacheLocation, rng: random.Random
+def load_sample_latents(record: ImageRecord, location: LatentCacheLocation, rng: random.Random,
+                        conditioning_filter: ConditioningFilter | None = None
                         ) -> tuple[CachedLatents, CropPlan, torch.Tensor | None]:
     """The cached latents of one draw (the flipped ones when this draw flips) and the conditioning image
     cropped to match. The flip comes from the same ``plan_crop`` draw as the pixel path makes, so a seed
@@ -219,10 +234,7 @@ def load_sample_latents(record: ImageRecord, location: LatentCacheLocation, rng:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no cached latents for {record.image_path}; fill the cache first "
                                 "(dataset_caching.fill_latent_caches)") from None
-    cond = None
-    if record.conditioning_path is not None:
-        cond = to_tensor(apply_crop_plan(load_rgb(record.conditioning_path), plan))
-    return cached, plan, cond
+    return cached, plan, conditioning_image(record, plan, conditioning_filter)
 
 
 class TrainingDataset(Dataset):
@@ -239,8 +251,10 @@ class TrainingDataset(Dataset):
 
     def __init__(self, index: DatasetIndex, seed: int, max_train_steps: int = 0,
                  latent_cache: LatentCacheLocation | None = None,
-                 text_cache: TextEncoderOutputCache | None = None) -> None:
-        """``max_train_steps``: the planned total, for a fractional token_warmup_step."""
+                 text_cache: TextEncoderOutputCache | None = None,
+                 conditioning_filter: ConditioningFilter | None = None) -> None:
+        """``max_train_steps``: the planned total, for a fractional token_warmup_step; ``conditioning_filter``
+        computes each ControlNet condition from the cropped target (``library.conditioning``)."""
         index.raise_for_problems()
         if any(record.bucket is None for record in index.records):
             raise ValueError("records have no bucket yet: call assign_buckets (or build_dataset_index) first")
@@ -252,6 +266,7 @@ class TrainingDataset(Dataset):
         self.max_train_steps = max_train_steps
         self.latent_cache = latent_cache
         self.text_cache = text_cache
+        self.conditioning_filter = conditioning_filter
 
     def __len__(self) -> int:
         return len(self.sample_to_record)
@@ -271,9 +286,9 @@ class TrainingDataset(Dataset):
         rng = sample_rng(self.seed, key.epoch, key.index, "image")
         cached = None
         if self.latent_cache is None:
-            pixels, plan, mask, cond = load_sample_pixels(record, rng)
+            pixels, plan, mask, cond = load_sample_pixels(record, rng, self.conditioning_filter)
         else:
-            cached, plan, cond = load_sample_latents(record, self.latent_cache, rng)
+            cached, plan, cond = load_sample_latents(record, self.latent_cache, rng, self.conditioning_filter)
             pixels, mask = None, cached.alpha_mask if record.subset.alpha_mask else None
         hidden = pooled = None
         if self.text_cache is not None:

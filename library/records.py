@@ -366,6 +366,8 @@ def _read_metadata(path: Path, scan: _Scan) -> list[tuple[str, Mapping[str, Any]
         return []
     if path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, text, scan)
+    if _is_controlnet_prompt_file(text):
+        return _read_controlnet_prompts(path, text, scan)
     try:
         data = json.loads(text, object_pairs_hook=_pairs_hook)
     except json.JSONDecodeError as error:
@@ -383,6 +385,38 @@ def _read_metadata(path: Path, scan: _Scan) -> list[tuple[str, Mapping[str, Any]
             scan.add(path, f"entry {key!r} is not an object", 'make it {"caption": ..., "tags": ...}')
             continue
         entries.append((key, entry))
+    return entries
+
+
+CONDITIONING_KEY = "_conditioning"  # entry field carrying a prompt.json "source" path into the record
+
+
+def _is_controlnet_prompt_file(text: str) -> bool:
+    """The original ControlNet training format: one {"source", "target", "prompt"} object per line."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        entry = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(entry, dict) and "source" in entry and "target" in entry
+
+
+def _read_controlnet_prompts(path: Path, text: str, scan: _Scan) -> list[tuple[str, Mapping[str, Any]]]:
+    """(target path, {"caption": prompt, CONDITIONING_KEY: source path}) per line; paths relative to the file."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            scan.add(path, f"line {number}: invalid JSON ({error})", "fix or remove that line")
+            continue
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("source", "target")):
+            scan.add(path, f"line {number}: needs string fields source and target", 'write {"source": ..., '
+                     '"target": ..., "prompt": ...}')
+            continue
+        entries.append((entry["target"], {"caption": entry.get("prompt"), CONDITIONING_KEY: entry["source"]}))
     return entries
 
 
@@ -498,10 +532,21 @@ def _finetuning_record(key: str, entry: Mapping[str, Any], meta: Path, base_dir:
         size = scan.image_size(path)
         if size is None:
             return None
+    conditioning = None
+    if entry.get(CONDITIONING_KEY) is not None:
+        conditioning = _absolute(meta.parent / entry[CONDITIONING_KEY])
+        if not conditioning.is_file():
+            scan.add(meta, f"{key!r}: conditioning image {conditioning} does not exist", "fix the source path")
+            return None
+        conditioning_size = scan.image_size(conditioning)
+        if conditioning_size is not None and conditioning_size != size:
+            scan.add(meta, f"{key!r}: conditioning image {conditioning.name} is {conditioning_size[0]}x{conditioning_size[1]} "
+                     f"but the target is {size[0]}x{size[1]}", "make both images the same size")
+            return None
     return ImageRecord(
         image_path=path, caption=caption, tags=tags, image_size=size, num_repeats=subset.num_repeats,
         is_reg=subset.is_reg, subset=subset, dataset_index=dataset_index, caption_source=source,
-        train_resolution=train_resolution, size_from_metadata=from_metadata,
+        conditioning_path=conditioning, train_resolution=train_resolution, size_from_metadata=from_metadata,
     )
 
 

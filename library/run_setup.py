@@ -115,8 +115,9 @@ class TrainingData:
         return KeyedBatchSampler(buckets, batches_per_step=args.gradient_accumulation_steps)
 
     def make_loader(self, args: argparse.Namespace, sampler: KeyedBatchSampler, seed: int, max_train_steps: int,
-                    caches: "Caches") -> DataLoader:
-        dataset = TrainingDataset(self.index, seed, max_train_steps, latent_cache=caches.latents, text_cache=caches.text)
+                    caches: "Caches", conditioning_filter: Any = None) -> DataLoader:
+        dataset = TrainingDataset(self.index, seed, max_train_steps, latent_cache=caches.latents, text_cache=caches.text,
+                                  conditioning_filter=conditioning_filter)
         workers = max(0, int(args.max_data_loader_n_workers or 0))
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=workers,
                           persistent_workers=bool(args.persistent_data_loader_workers and workers))

@@ -130,7 +130,7 @@ class DataPipeline:
     loader: Any
 
 
-def build_data_pipeline(session: Session) -> DataPipeline:
+def build_data_pipeline(session: Session, conditioning_filter: Any = None) -> DataPipeline:
     args, model, data = session.args, session.model, session.data
     prompt_encoder = PromptEncoder(model.family.name, model.tokenizers, model.text_encoders,
                                    max_token_length=args.max_token_length or 75, clip_skip=args.clip_skip)
@@ -139,7 +139,7 @@ def build_data_pipeline(session: Session) -> DataPipeline:
     plan = make_plan(data.num_images, data.num_reg_images, data.samples_per_epoch, data.batch_size, len(sampler),
                      args.gradient_accumulation_steps, session.accelerator.num_processes, args.max_train_steps,
                      args.max_train_epochs, data.short_batches, data.repeated_batches)
-    loader = data.make_loader(args, sampler, session.seed, plan.max_train_steps, caches)
+    loader = data.make_loader(args, sampler, session.seed, plan.max_train_steps, caches, conditioning_filter)
     return DataPipeline(prompt_encoder, sampler, plan, loader)
 
 
