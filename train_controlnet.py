@@ -1,7 +1,199 @@
-"""ControlNet training (not implemented yet: this entry point lands with its issue)."""
+"""Train a ControlNet for SD 1.x, SD 2.x or SDXL (family detected from the model).
 
+    accelerate launch train_controlnet.py --pretrained_model_name_or_path model.safetensors \\
+        --train_data_dir imgs --conditioning_data_dir canny --output_dir out --output_name my_cn ...
+
+Conditioning images come from ``--conditioning_data_dir`` (same basename as each image, any extension), from
+the original ControlNet ``prompt.json`` (``--in_json prompt.json``), or are computed on the fly from each
+cropped image with ``--conditioning_filter canny``. The base UNet stays frozen unless
+``--train_unet_decoder``. With sample prompts that name a control image (``--cn``), a control-fidelity score
+(edge F1 for canny) is logged at every sampling point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
 import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from library import conditioning, config, script_flow  # noqa: E402
+from library.controlnet_models import create_controlnet, load_controlnet, save_controlnet  # noqa: E402
+from library.models import StableDiffusionModel, save_single_file  # noqa: E402
+from library.text_encoding import EncodedPrompts  # noqa: E402
+
+SINGLE_FILE_FORMATS = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
+
+
+def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("controlnet")
+    group.add_argument("--controlnet_model_name_or_path", default=None,
+                       help="continue from this ControlNet (diffusers folder or single file); default: a new one "
+                            "copied from the UNet's encoder")
+    group.add_argument("--control_net_lr", type=float, default=None, help="ControlNet learning rate (default --learning_rate)")
+    group.add_argument("--train_unet_decoder", action="store_true",
+                       help="also train the UNet's decoder half (the original work's sd_locked=False)")
+    group.add_argument("--unet_decoder_lr", type=float, default=None, help="learning rate of the UNet decoder half")
+    group.add_argument("--only_mid_control", action="store_true", help="add only the middle-block residual")
+    group.add_argument("--conditioning_scale", type=float, default=1.0, help="residual scale in training and sampling")
+    group.add_argument("--fidelity_filter", choices=sorted(conditioning.FILTERS), default=None,
+                       help="filter that re-extracts the condition from samples for the fidelity score "
+                            "(default: --conditioning_filter)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return script_flow.build_script_parser(
+        __doc__, 1e-5, partial(config.add_saving_arguments, model_formats=("safetensors", "ckpt", "diffusers"),
+                               default_model_format="safetensors"),
+        add_controlnet_arguments, conditioning.add_conditioning_arguments)
+
+
+def unet_decoder_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """The decoder half the original work unlocks with sd_locked=False: up blocks and the output layers."""
+    modules = [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
+    return [p for module in modules for p in module.parameters()]
+
+
+class ControlNetTrainee:
+    """A ControlNet whose residuals steer a frozen (or decoder-trained) UNet."""
+
+    trains_text_encoder = False
+
+    def __init__(self, model: StableDiffusionModel, controlnet: nn.Module, train_unet_decoder: bool,
+                 only_mid_control: bool, conditioning_scale: float, dropout_rate: float, save_format: str,
+                 save_dtype: torch.dtype | None) -> None:
+        self.model = model
+        self.controlnet = controlnet
+        self.train_unet_decoder = train_unet_decoder
+        self.only_mid_control = only_mid_control
+        self.conditioning_scale = conditioning_scale
+        self.dropout_rate = dropout_rate
+        self.save_format = save_format
+        self.save_dtype = save_dtype
+        self.forward_controlnet: nn.Module = controlnet
+        self.forward_unet: nn.Module = model.unet
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        modules = {"controlnet": self.controlnet}
+        if self.train_unet_decoder:
+            modules["unet"] = self.model.unet
+        return modules
+
+    def use_prepared(self, modules: dict[str, nn.Module]) -> None:
+        self.forward_controlnet = modules["controlnet"]
+        self.forward_unet = modules.get("unet", self.model.unet)
+
+    def set_train(self, training: bool) -> None:
+        self.controlnet.train(training)
+        self.model.unet.train(training and self.train_unet_decoder)
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: EncodedPrompts,
+                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: dict[str, Any]) -> torch.Tensor:
+        dtype = noisy_latents.dtype
+        hidden = text.hidden_states.to(dtype)
+        added = {k: v.to(dtype) for k, v in (added_cond_kwargs or {}).items()} or None
+        # diffusers' ControlNets take the condition in [0, 1]; the dataset gives [-1, 1]. Dropout makes it black.
+        condition = (batch["conditioning_pixel_values"].to(noisy_latents.device, torch.float32) + 1) / 2
+        if self.dropout_rate and self.controlnet.training:
+            condition = conditioning.apply_conditioning_dropout(condition, self.dropout_rate, fill=0.0)
+        down, mid = self.forward_controlnet(noisy_latents, timesteps, encoder_hidden_states=hidden,
+                                            controlnet_cond=condition.to(dtype), conditioning_scale=self.conditioning_scale,
+                                            added_cond_kwargs=added, return_dict=False)
+        if self.only_mid_control:
+            down = [torch.zeros_like(d) for d in down]
+        return self.forward_unet(noisy_latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added,
+                                 down_block_additional_residuals=[d.to(dtype) for d in down],
+                                 mid_block_additional_residual=mid.to(dtype)).sample
+
+    def after_step(self, global_step: int) -> None:
+        pass
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def save(self, path: Path, step: int, epoch: int) -> None:
+        """The ControlNet (a folder for --save_model_as diffusers, else one file); with --train_unet_decoder the
+        whole model too, as ``<name>-model.safetensors``, since the ControlNet only works with that UNet."""
+        save_controlnet(self.controlnet, path, self.model.family.name, dtype=self.save_dtype,
+                        metadata={"ss_steps": str(step), "ss_epoch": str(epoch)})
+        if self.train_unet_decoder:
+            save_single_file(self.model, path.with_name(f"{path.stem}-model.safetensors"), dtype=self.save_dtype)
+
+
+def fidelity_metrics(fidelity_filter: Any, tolerance: int):
+    """Re-extract the condition from each sample drawn with a control image and score it against that image."""
+
+    def measure(samples: list[Any]) -> dict[str, float]:
+        scores = {}
+        for sample in samples:
+            if sample.prompt.controlnet_image is None:
+                continue
+            with Image.open(sample.prompt.controlnet_image) as condition:
+                score = conditioning.control_fidelity(fidelity_filter, sample.image, condition.convert("RGB"), tolerance)
+            scores[f"control_fidelity/{sample.prompt.index:02d}"] = score
+        if scores:
+            scores["control_fidelity/mean"] = sum(scores.values()) / len(scores)
+        return scores
+
+    return measure
+
+
+def train_controlnet(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.output_dir:
+        parser.error("--output_dir is required")
+    conditioning_filter = conditioning.filter_from_args(args)
+    if conditioning_filter is None and not (args.conditioning_data_dir or args.in_json or args.dataset_config):
+        parser.error("give the conditioning images: --conditioning_data_dir DIR, --in_json prompt.json, "
+                     "a dataset config with conditioning_data_dir, or --conditioning_filter canny")
+    session = script_flow.open_session(args)
+    model = session.model
+    missing = [r.image_path for r in session.data.index.records if r.conditioning_path is None]
+    if conditioning_filter is None and missing:
+        from library.dataset_config import DatasetConfigError
+
+        raise DatasetConfigError(f"{len(missing)} image(s) have no conditioning image (first: {missing[0]}); use "
+                                 "--conditioning_data_dir, a prompt.json, or --conditioning_filter")
+    if args.controlnet_model_name_or_path:
+        controlnet = load_controlnet(args.controlnet_model_name_or_path, unet_config_for_fallback=dict(model.unet.config))
+    else:
+        controlnet = create_controlnet(model.unet)
+    script_flow.freeze_and_place(session, (model.unet,) if args.train_unet_decoder else ())
+    controlnet.to(session.accelerator.device,
+                  dtype=session.weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
+    controlnet.requires_grad_(True)
+    params: list[dict[str, Any]] = [{"params": list(controlnet.parameters()), "name": "controlnet",
+                                     "lr": args.control_net_lr if args.control_net_lr is not None else args.learning_rate}]
+    if args.train_unet_decoder:
+        decoder = unet_decoder_parameters(model.unet)
+        for parameter in decoder:
+            parameter.requires_grad_(True)
+        params.append({"params": decoder, "name": "unet_decoder",
+                       "lr": args.unet_decoder_lr if args.unet_decoder_lr is not None else args.learning_rate})
+
+    pipeline = script_flow.build_data_pipeline(session, conditioning_filter)
+    optimizer, lr_scheduler, description = script_flow.build_optimizer(session, params, pipeline.plan)
+    save_format = args.save_model_as or "safetensors"
+    trainee = ControlNetTrainee(model, controlnet, args.train_unet_decoder, args.only_mid_control,
+                                args.conditioning_scale, args.conditioning_dropout_rate, save_format, session.save_dtype)
+    fidelity_filter = conditioning.make_filter(args.fidelity_filter, []) if args.fidelity_filter else conditioning_filter
+    metrics = fidelity_metrics(fidelity_filter, args.control_fidelity_tolerance) if fidelity_filter else None
+    return script_flow.run_training(session, pipeline, trainee, optimizer, lr_scheduler, description,
+                                    SINGLE_FILE_FORMATS.get(save_format, ""), "controlnet_train",
+                                    sampling_controlnet=controlnet, sample_metrics=metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_flow.run_main(build_parser(), train_controlnet, argv)
+
 
 if __name__ == "__main__":
-    print("train_controlnet.py: ControlNet training is not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())

@@ -11,7 +11,7 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -252,8 +252,12 @@ def print_summary(accelerator: Any, args: argparse.Namespace, model: StableDiffu
 
 
 def attach_sampling(run: Any, args: argparse.Namespace, model: StableDiffusionModel, prompt_encoder: Any,
-                    accelerator: Any, dtype: torch.dtype, resolution: tuple[int, int]) -> None:
-    """Sample images at kohya's points (--sample_every_n_steps/epochs, --sample_at_first) from --sample_prompts."""
+                    accelerator: Any, dtype: torch.dtype, resolution: tuple[int, int], controlnet: Any = None,
+                    measure: Callable[[list[Any]], dict[str, float]] | None = None) -> None:
+    """Sample images at kohya's points (--sample_every_n_steps/epochs, --sample_at_first) from --sample_prompts.
+
+    ``measure`` turns the step's samples into scalars (e.g. ControlNet fidelity), logged and printed.
+    """
     if not args.sample_prompts:
         return
     prompts = sampling.load_sample_prompts(args.sample_prompts, default_size=max(resolution))
@@ -262,8 +266,13 @@ def attach_sampling(run: Any, args: argparse.Namespace, model: StableDiffusionMo
 
     def sample(step: int, epoch: int | None) -> None:
         results = sampling.generate_samples(model, prompt_encoder, prompts, output_dir, args.output_name, step, epoch,
-                                            args.sample_sampler, accelerator.device, dtype,
+                                            args.sample_sampler, accelerator.device, dtype, controlnet=controlnet,
                                             distributed_state=accelerator.state if accelerator.num_processes > 1 else None)
+        if measure is not None:
+            scalars = measure(results)
+            if scalars:
+                accelerator.log(scalars, step=step)
+                accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
         if writer is not None:
             for index, result in enumerate(results):
                 writer.add_image(f"samples/{index:02d}", _image_array(result), global_step=step, dataformats="HWC")

@@ -151,7 +151,9 @@ def build_optimizer(session: Session, params: list[dict[str, Any]], plan: Traini
 def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, optimizer: Any, lr_scheduler: Any,
                  optimizer_description: str, save_extension: str, project_name: str,
                  extra_logs: Callable[[], dict[str, float]] | None = None,
-                 register_for_checkpointing: tuple[Any, ...] = (), clip_in_loop: bool = True) -> int:
+                 register_for_checkpointing: tuple[Any, ...] = (), clip_in_loop: bool = True,
+                 sampling_controlnet: Any = None,
+                 sample_metrics: Callable[[list[Any]], dict[str, float]] | None = None) -> int:
     """Prepare, resume, print the summary, train, and say where the result is.
 
     ``clip_in_loop=False`` when the optimizer clips by itself (the fused backward pass clips each tensor).
@@ -177,7 +179,8 @@ def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, opt
         prior_loss_weight=session.data.prior_loss_weight, vae_dtype=session.vae_dtype, weight_dtype=session.weight_dtype,
         start=start, extra_logs=extra_logs,
     )
-    attach_sampling(run, args, model, pipeline.prompt_encoder, accelerator, session.weight_dtype, session.data.resolution)
+    attach_sampling(run, args, model, pipeline.prompt_encoder, accelerator, session.weight_dtype, session.data.resolution,
+                    controlnet=sampling_controlnet, measure=sample_metrics)
     validation.attach_validation(run, args, session.data.validation_index, session.seed)
     print_summary(accelerator, args, model, session.data, pipeline.plan, optimizer_description, run.save)
     accelerator.print(f"attention: {session.attention}")
