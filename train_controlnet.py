@@ -28,11 +28,9 @@ from torch import nn  # noqa: E402
 
 from library import conditioning, config, script_flow  # noqa: E402
 from library.controlnet_models import create_controlnet, load_controlnet, save_controlnet  # noqa: E402
+from library.checkpoints import SINGLE_FILE_FORMATS  # noqa: E402
 from library.models import StableDiffusionModel, save_single_file  # noqa: E402
 from library.text_encoding import EncodedPrompts  # noqa: E402
-
-SINGLE_FILE_FORMATS = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
-
 
 def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("controlnet")
@@ -170,6 +168,8 @@ def train_controlnet(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     controlnet.to(session.accelerator.device,
                   dtype=session.weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32)
     controlnet.requires_grad_(True)
+    if args.gradient_checkpointing:  # the trained module holds most of the activations worth recomputing
+        controlnet.enable_gradient_checkpointing()
     params: list[dict[str, Any]] = [{"params": list(controlnet.parameters()), "name": "controlnet",
                                      "lr": args.control_net_lr if args.control_net_lr is not None else args.learning_rate}]
     if args.train_unet_decoder:

@@ -24,12 +24,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from library import config, ema, fused_backward, optim, script_flow  # noqa: E402
+from library.checkpoints import SINGLE_FILE_FORMATS  # noqa: E402
 from library.models import StableDiffusionModel, is_single_file, save_diffusers, save_single_file  # noqa: E402
 from library.sdxl_blocks import block_param_groups, parse_block_lr  # noqa: E402
 from library.text_encoding import EncodedPrompts, PromptEncoder  # noqa: E402
-
-SINGLE_FILE_FORMATS = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
-
 
 def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sdxl fine-tuning")

@@ -1,10 +1,13 @@
-"""Seconds per optimizer step and peak memory of LoRA (``train_network.py``) and full fine-tune (``train_sdxl.py``).
+"""Seconds per optimizer step and peak memory of LoRA (``train_network.py``), full fine-tune (``train_sdxl.py``)
+and ControlNet (``train_controlnet.py``) training.
 
-    python bench/train_step.py [--trainers lora finetune] [--families sd15 sd21 sdxl] [--resolutions 64 128]
+    python bench/train_step.py [--trainers lora finetune controlnet] [--families sd15 sd21 sdxl] [--resolutions 64 128]
                                [--checkpointing both] [--finetune_setups ...] [--finetune_resolution 64]
+                               [--controlnet_families sd15 sdxl] [--controlnet_resolution 64]
                                [--threads 1] [--warmup 2] [--steps 8] [--json OUT]
-    python bench/train_step.py --full_size [--trainers lora finetune] [--rank 16] [--resolution 1024]
-                               [--finetune_setups adamw adamw8bit adafactor_fused adamw_ema] [--json OUT]  # a GPU
+    python bench/train_step.py --full_size [--trainers lora finetune controlnet] [--rank 16] [--resolution 1024]
+                               [--finetune_setups adamw adamw8bit adafactor_fused adamw_ema] [--full_bf16]
+                               [--json OUT]  # a GPU
 
 Tiny rows (default): for each family a tiny random diffusers folder (``library.tiny_models.make_tiny_model``)
 and a shapes dataset (``tools/make_sample_dataset.py``) are written to a temporary folder, and
@@ -46,6 +49,19 @@ steps inside it), global grad clipping unless fused (fused clips per tensor), op
 EMA update. Every UNet weight trains. Peak memory is ``torch.cuda.max_memory_allocated``; the bf16 weights
 are already held when the window opens ("start"); gradients, optimizer state and activations are what
 the row adds. The CPU EMA copy is not CUDA memory, so its host peak RSS goes in the note.
+
+ControlNet rows (``--trainers controlnet``): tiny rows run ``train_controlnet.main([...])`` for each of
+``--controlnet_families`` on the same shapes dataset, with Canny maps of its images written by ``tools/canny.py``
+(``--train_data_dir images --conditioning_data_dir canny --caption_extension .caption``), at
+``--controlnet_resolution``, with the script's defaults (a new ControlNet copied from the UNet's encoder, frozen
+UNet, AdamW, lr 1e-5, fp32, no caches), timed by the same ``extra_logs`` clock. ``--checkpointing`` selects
+``--gradient_checkpointing``, which train_controlnet applies to the frozen UNet (and text encoders) only, not
+to the ControlNet. ``--full_size`` ControlNet row: ``library.controlnet_models.create_controlnet`` on the
+random-init full-size SDXL UNet (bf16, frozen), and one step is ControlNet forward on a random 1024² condition
+image, UNet forward with its residuals (both under bf16 autocast), MSE, backward, clipping to 1.0 and AdamW on
+the ControlNet. The ControlNet's weights are fp32 as with train_controlnet ``--mixed_precision bf16``, or bf16
+with ``--full_bf16`` (the script's ``--full_bf16``). ``--gradient_checkpointing`` checkpoints the UNet only, as the script
+does. Model step only, like the other full-size rows.
 """
 
 from __future__ import annotations
@@ -71,6 +87,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 TINY_FAMILIES = ("sd15", "sd21", "sdxl")
+TINY_CONTROLNET_FAMILIES = ("sd15", "sdxl")
+TRAINERS = ("lora", "finetune", "controlnet")
 
 
 @dataclass
@@ -213,7 +231,7 @@ class StepClock:
 
 # Where the loop's ``train`` is looked up: run_training (shared by both scripts) calls it through
 # script_flow's globals; a script that imports ``train`` itself would call its own binding.
-TRAIN_CALLERS = ("library.script_flow", "train_network", "train_sdxl")
+TRAIN_CALLERS = ("library.script_flow", "train_network", "train_sdxl", "train_controlnet")
 
 
 @contextlib.contextmanager
@@ -323,6 +341,41 @@ def tiny_finetune_row(setup: FinetuneSetup, model_dir: Path, data_dir: Path, wor
                script="train_sdxl.py", setup=setup.label)
 
 
+def controlnet_args(model_dir: Path, data_dir: Path, output_dir: Path, resolution: int, batch_size: int,
+                    gradient_checkpointing: bool, total_steps: int) -> list[str]:
+    """train_controlnet.py flags: its defaults (new ControlNet, frozen UNet, lr 1e-5, fp32), folder + canny data."""
+    args = ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data_dir / "images"),
+            "--conditioning_data_dir", str(data_dir / "canny"), "--caption_extension", ".caption",
+            "--resolution", str(resolution), "--train_batch_size", str(batch_size), "--seed", "0",
+            "--max_data_loader_n_workers", "0", "--output_dir", str(output_dir), "--output_name", "bench",
+            "--max_train_steps", str(total_steps)]
+    return args + (["--gradient_checkpointing"] if gradient_checkpointing else [])
+
+
+def write_canny_maps(data_dir: Path) -> None:
+    """``data_dir/canny``: the conditioning images, written by the same tool a user runs."""
+    from tools import canny
+
+    if canny.main([str(data_dir / "images"), str(data_dir / "canny")]) != 0:
+        raise RuntimeError(f"tools/canny.py could not write the edge maps of {data_dir / 'images'}")
+
+
+def tiny_controlnet_row(family: str, model_dir: Path, data_dir: Path, work: Path, resolution: int, batch_size: int,
+                        gradient_checkpointing: bool, warmup: int, steps: int) -> Row:
+    import train_controlnet
+
+    output = Path(tempfile.mkdtemp(prefix=f"controlnet-{family}-", dir=work))
+    argv = controlnet_args(model_dir, data_dir, output, resolution, batch_size, gradient_checkpointing,
+                           warmup + steps)
+    timed, memory, device = timed_main(train_controlnet.main, argv, f"train_controlnet {family}", warmup, steps)
+    return Row(f"tiny {family}", resolution, batch_size, gradient_checkpointing, device.type, "fp32",
+               statistics.median(timed), min(timed), max(timed), len(timed), memory["peak_mib"],
+               memory["start_mib"], memory["kind"], timed,
+               "train_controlnet.main: data + canny maps + VAE + text encoders + ControlNet + frozen UNet; "
+               "ControlNet trained; --gradient_checkpointing checkpoints the UNet only",
+               script="train_controlnet.py")
+
+
 def prepare_inputs(work: Path, families: list[str], max_resolution: int, images: int) -> tuple[dict[str, Path], Path]:
     """Tiny model folders and one dataset big enough to crop at every resolution asked for."""
     from library.tiny_models import make_tiny_model
@@ -340,8 +393,10 @@ def tiny_rows(args: argparse.Namespace) -> list[Row]:
     lora = "lora" in args.trainers
     setups = [finetune_setup(name) for name in args.finetune_setups or TINY_FINETUNE_DEFAULT] \
         if "finetune" in args.trainers else []
-    families = sorted(set(args.families if lora else []) | ({"sdxl"} if setups else set()))
-    max_resolution = max((args.resolutions if lora else []) + ([args.finetune_resolution] if setups else []))
+    controlnet_families = args.controlnet_families if "controlnet" in args.trainers else []
+    families = sorted(set(args.families if lora else []) | ({"sdxl"} if setups else set()) | set(controlnet_families))
+    max_resolution = max((args.resolutions if lora else []) + ([args.finetune_resolution] if setups else [])
+                         + ([args.controlnet_resolution] if controlnet_families else []))
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as temp:
         work = Path(temp)
         models, data = prepare_inputs(work, families, max_resolution,
@@ -360,6 +415,15 @@ def tiny_rows(args: argparse.Namespace) -> list[Row]:
             print(f"# fine-tune {setup.label}: median {row.median_step_s:.3f} s/step, peak {row.peak_mib:.0f} MiB",
                   file=sys.stderr, flush=True)
             rows.append(row)
+        if controlnet_families:
+            write_canny_maps(data)
+        for family in controlnet_families:
+            for gc_on in checkpointing:
+                row = tiny_controlnet_row(family, models[family], data, work, args.controlnet_resolution,
+                                          args.batch_size, gc_on, args.warmup, args.steps)
+                print(f"# controlnet {row.model} gc={gc_on}: median {row.median_step_s:.3f} s/step, "
+                      f"peak {row.peak_mib:.0f} MiB", file=sys.stderr, flush=True)
+                rows.append(row)
     return rows
 
 
@@ -531,15 +595,64 @@ def full_size_finetune_row(args: argparse.Namespace, setup: FinetuneSetup) -> Ro
                script="train_sdxl.py", setup=setup.label)
 
 
+def full_size_controlnet_row(args: argparse.Namespace) -> Row:
+    """train_controlnet's model step at full size: a ControlNet made from the frozen SDXL UNet steers it."""
+    from library.controlnet_models import create_controlnet
+
+    device = full_size_device(args)
+    dtype = torch.bfloat16
+    unet = build_full_size_unet(device, dtype)  # frozen, as train_controlnet keeps it without --train_unet_decoder
+    with torch.device(device):  # diffusers builds the 1.2B-parameter copy here, not in host RAM
+        controlnet = create_controlnet(unet)
+    controlnet.to(device, dtype=dtype if args.full_bf16 else torch.float32).requires_grad_(True).train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # the UNet only: train_controlnet does not checkpoint the ControlNet
+    params = list(controlnet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5)  # train_controlnet's default learning rate
+    inputs = random_unet_inputs(unet, args.resolution, args.batch_size, device, dtype)
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    condition = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator).to(device, dtype)
+
+    def step(index: int) -> None:
+        with torch.autocast(device.type, dtype=dtype):
+            down, mid = controlnet(inputs.latents, inputs.timesteps, encoder_hidden_states=inputs.hidden,
+                                   controlnet_cond=condition, added_cond_kwargs=inputs.added, return_dict=False)
+            prediction = unet(inputs.latents, inputs.timesteps, encoder_hidden_states=inputs.hidden,
+                              added_cond_kwargs=inputs.added,
+                              down_block_additional_residuals=[d.to(dtype) for d in down],
+                              mid_block_additional_residual=mid.to(dtype)).sample
+        torch.nn.functional.mse_loss(prediction.float(), inputs.target).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times, memory = timed_steps(step, device, args.warmup, args.steps, "full-size ControlNet")
+    count = sum(p.numel() for p in params)
+    weights = "bf16 (--full_bf16)" if args.full_bf16 else "fp32"
+    return Row("SDXL full-size (random init)", args.resolution, args.batch_size, bool(args.gradient_checkpointing),
+               device.type, f"bf16 UNet, {weights} ControlNet + autocast", statistics.median(times), min(times),
+               max(times), len(times), memory["peak_mib"], memory["start_mib"], memory["kind"], times,
+               f"model step only (ControlNet fwd + UNet fwd with residuals + bwd + clip + AdamW), "
+               f"{count / 1e6:,.1f}M ControlNet params trained, UNet frozen; no data pipeline/VAE/text encoders",
+               script="train_controlnet.py")
+
+
+def free_previous_row() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def full_size_rows(args: argparse.Namespace) -> list[Row]:
     """Each row builds its own UNet; everything of the previous row is freed first so peaks do not add up."""
     rows = [full_size_row(args)] if "lora" in args.trainers else []
     names = (args.finetune_setups or FULL_SIZE_FINETUNE_DEFAULT) if "finetune" in args.trainers else ()
     for name in names:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_previous_row()
         rows.append(full_size_finetune_row(args, finetune_setup(name)))
+    if "controlnet" in args.trainers:
+        free_previous_row()
+        rows.append(full_size_controlnet_row(args))
     return rows
 
 
@@ -590,9 +703,14 @@ def markdown_tables(rows: list[Row]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trainers", nargs="+", choices=("lora", "finetune"), default=["lora", "finetune"],
-                        help="lora: train_network.py rows; finetune: train_sdxl.py full fine-tune rows")
-    parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES)
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
+                        help="lora: train_network.py rows; finetune: train_sdxl.py full fine-tune rows; "
+                             "controlnet: train_controlnet.py rows")
+    parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES), choices=TINY_FAMILIES,
+                        help="tiny LoRA rows")
+    parser.add_argument("--controlnet_families", nargs="+", default=list(TINY_CONTROLNET_FAMILIES),
+                        choices=TINY_FAMILIES, help="tiny ControlNet rows")
+    parser.add_argument("--controlnet_resolution", type=int, default=64, help="tiny ControlNet rows: square px")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="tiny rows: square px")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
                         help="tiny rows without / with --gradient_checkpointing")
@@ -606,14 +724,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="tiny fine-tune rows: also train both text encoders (train_sdxl --train_text_encoder)")
     parser.add_argument("--full_size", action="store_true",
-                        help="full-size SDXL UNet model step, LoRA and/or full fine-tune (GPU)")
+                        help="full-size SDXL UNet model step: LoRA, full fine-tune and/or ControlNet (GPU)")
     parser.add_argument("--allow_cpu", action="store_true", help="let --full_size run on a CPU")
     parser.add_argument("--device", default=None, help="--full_size device (default: cuda if available)")
     parser.add_argument("--resolution", type=int, default=1024, help="--full_size: square px")
     parser.add_argument("--rank", type=int, default=16, help="--full_size: LoRA rank (alpha = rank)")
+    parser.add_argument("--full_bf16", action="store_true",
+                        help="--full_size ControlNet row: bf16 ControlNet weights (train_controlnet --full_bf16); "
+                             "default fp32 weights under bf16 autocast (--mixed_precision bf16)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="--full_size: checkpoint the UNet in every row (tiny rows use --checkpointing and "
-                             "the adamw_gc fine-tune setup)")
+                             "the adamw_gc fine-tune setup; the ControlNet itself is never checkpointed)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before measuring; 1 gives stable numbers on a loaded machine "
                              "(spinning OpenMP threads that compete with other processes slow every step)")

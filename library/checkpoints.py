@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_STATE_FILE = "train_state.json"
+# --save_model_as values written as one file, and their extensions; the other formats are folders.
+SINGLE_FILE_FORMATS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "pt": ".pt"}
 STATE_SUFFIX = "-state"
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from library.config import add_validator
+from library.config import add_validator, non_negative_int
 
 EDGE_THRESHOLD = 127  # a pixel of an edge-map image with gray value above this is an edge
 
@@ -326,16 +326,6 @@ def _probability(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _check_filter_args(args: argparse.Namespace) -> str | None:
     """Parse the filter options at start-up, so a typo fails before the model loads."""
     try:
@@ -355,7 +345,7 @@ def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
                        help="filter options, e.g. low=100 high=200 (canny) or radius=4 (blur)")
     group.add_argument("--conditioning_dropout_rate", type=_probability, default=0.0,
                        help="probability of training a sample with an all-zero control image (default 0)")
-    group.add_argument("--control_fidelity_tolerance", type=_non_negative_int, default=1,
+    group.add_argument("--control_fidelity_tolerance", type=non_negative_int, default=1,
                        help="pixels an edge may be off and still match, for the control-fidelity metric (default 1)")
     add_validator(parser, _check_filter_args)
 

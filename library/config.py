@@ -71,15 +71,24 @@ def add_validator(parser: argparse.ArgumentParser, validator: Validator) -> None
     validators.append(validator)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a batch size), with the same message on the CLI and in a file."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size), with the same message on the CLI and in a file."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a step, a pixel tolerance)."""
+    return _int_at_least(text, 0)
 
 
 # --------------------------------------------------------------------------------------------------------

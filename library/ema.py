@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from library.config import add_validator, positive_int
+from library.config import add_validator, non_negative_int, positive_int
 
 DEFAULT_DECAY = 0.9999
 EMA_DEVICES: tuple[str, ...] = ("cpu", "same")
@@ -362,7 +362,7 @@ def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ema_beta", type=float, default=None, help="another name for --ema_decay")
     group.add_argument("--ema_update_every", type=positive_int, default=1,
                        help="update the EMA every N optimizer steps (with decay**N, same time constant)")
-    group.add_argument("--ema_start_step", type=_non_negative_int, default=0,
+    group.add_argument("--ema_start_step", type=non_negative_int, default=0,
                        help="copy the weights into the EMA until this optimizer step, average after it")
     group.add_argument("--ema_warmup", dest="ema_warmup", action="store_true", default=True,
                        help="decay = min(ema_decay, (1+t)/(10+t)) with t steps since the start (default on)")
@@ -387,16 +387,6 @@ def ema_settings_from_args(args: argparse.Namespace) -> EMASettings | None:
         warmup=getattr(args, "ema_warmup", True),
         device=getattr(args, "ema_device", "cpu"),
     )
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 # flag -> (namespace attribute, value meaning "not set")
