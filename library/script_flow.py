@@ -118,8 +118,9 @@ def freeze_and_place(session: Session, trained: tuple[torch.nn.Module, ...] = ()
         move_module(module, session.accelerator.device, dtype)
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        for te in model.text_encoders:
-            te.gradient_checkpointing_enable()
+        for te in model.text_encoders:  # transformers 5 renamed it; keep working with both names
+            enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+            enable()
 
 
 @dataclass
