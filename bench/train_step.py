@@ -606,7 +606,8 @@ def full_size_controlnet_row(args: argparse.Namespace) -> Row:
         controlnet = create_controlnet(unet)
     controlnet.to(device, dtype=dtype if args.full_bf16 else torch.float32).requires_grad_(True).train()
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()  # the UNet only: train_controlnet does not checkpoint the ControlNet
+        unet.enable_gradient_checkpointing()  # as train_controlnet: the frozen UNet and the trained ControlNet
+        controlnet.enable_gradient_checkpointing()
     params = list(controlnet.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)  # train_controlnet's default learning rate
     inputs = random_unet_inputs(unet, args.resolution, args.batch_size, device, dtype)
@@ -734,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "default fp32 weights under bf16 autocast (--mixed_precision bf16)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="--full_size: checkpoint the UNet in every row (tiny rows use --checkpointing and "
-                             "the adamw_gc fine-tune setup; the ControlNet itself is never checkpointed)")
+                             "the adamw_gc fine-tune setup; ControlNet rows checkpoint the ControlNet too, as train_controlnet does)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before measuring; 1 gives stable numbers on a loaded machine "
                              "(spinning OpenMP threads that compete with other processes slow every step)")

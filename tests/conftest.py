@@ -29,8 +29,9 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch):
-    """accelerate keeps one process-wide state; every test that builds an Accelerator in-process starts clean."""
-    for name in [n for n in os.environ if n.startswith("ACCELERATE_")]:
+    """accelerate keeps one process-wide state; every test that builds an Accelerator in-process starts clean
+    (and never sees a launcher's WORLD_SIZE / LOCAL_RANK)."""
+    for name in [n for n in os.environ if n.startswith("ACCELERATE_")] + ["WORLD_SIZE", "LOCAL_RANK"]:
         monkeypatch.delenv(name, raising=False)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, DynamoBackend, InitProcessGroupKwargs
 from torch import nn
 
@@ -61,24 +60,12 @@ def make_args(*argv: str):
     return parse_args(parser, list(argv))
 
 
-@pytest.fixture
-def fresh_state(monkeypatch):
-    """accelerate keeps one process-wide state; every in-process Accelerator test starts and ends clean."""
-    for name in [n for n in os.environ if n.startswith("ACCELERATE_")] + ["WORLD_SIZE", "LOCAL_RANK"]:
-        monkeypatch.delenv(name, raising=False)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 # --------------------------------------------------------------------------------------------------------
 # Building the Accelerator in-process
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_plain_cpu_accelerator_logs_to_tensorboard_in_a_timestamped_run_dir(tmp_path, fresh_state):
+def test_plain_cpu_accelerator_logs_to_tensorboard_in_a_timestamped_run_dir(tmp_path):
     before = time.time()
     accelerator = build_accelerator(make_args("--logging_dir", str(tmp_path), "--log_prefix", "run-",
                                               "--gradient_accumulation_steps", "3"))
@@ -98,7 +85,7 @@ def test_plain_cpu_accelerator_logs_to_tensorboard_in_a_timestamped_run_dir(tmp_
     assert int(before) - 1 <= stamp <= after
 
 
-def test_no_logging_dir_means_no_tracker(fresh_state):
+def test_no_logging_dir_means_no_tracker():
     accelerator = build_accelerator(make_args())
     assert accelerator.log_with == []
     assert accelerator.project_dir is None
@@ -110,7 +97,7 @@ def test_log_run_dir_is_prefix_plus_timestamp():
     assert log_run_dir("logs", None, now) == Path("logs/20240305070809")
 
 
-def test_tensorboard_without_logging_dir_is_an_error(fresh_state):
+def test_tensorboard_without_logging_dir_is_an_error():
     with pytest.raises(ValueError, match="--log_with tensorboard needs --logging_dir"):
         build_accelerator(make_args("--log_with", "tensorboard"))
 
@@ -150,7 +137,7 @@ def _require_deepspeed() -> None:
         pytest.fail(f"deepspeed is not installed; install it with: {DEEPSPEED_INSTALL}")
 
 
-def test_deepspeed_plugin_config_comes_from_the_flags(fresh_state):
+def test_deepspeed_plugin_config_comes_from_the_flags():
     _require_deepspeed()
     plugin = build_deepspeed_plugin(make_args(
         "--deepspeed", "--zero_stage", "2", "--train_batch_size", "3", "--gradient_accumulation_steps", "4",
@@ -204,19 +191,19 @@ def test_consistent_deepspeed_flags_pass():
     assert deepspeed_flag_error(make_args("--ddp_static_graph", "--ddp_timeout", "5")) is None
 
 
-def test_launcher_deepspeed_without_the_flag_is_an_error(fresh_state, monkeypatch):
+def test_launcher_deepspeed_without_the_flag_is_an_error(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="launcher enabled DeepSpeed .* no --deepspeed"):
         build_accelerator(make_args())
 
 
-def test_deepspeed_without_a_launcher_is_an_error(fresh_state):
+def test_deepspeed_without_a_launcher_is_an_error():
     _require_deepspeed()
     with pytest.raises(ValueError, match="--deepspeed needs a distributed launcher: accelerate launch --multi_gpu"):
         build_accelerator(make_args("--deepspeed"))
 
 
-def test_launcher_zero_stage_must_match_the_flag(fresh_state, monkeypatch):
+def test_launcher_zero_stage_must_match_the_flag(monkeypatch):
     _require_deepspeed()
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(ValueError, match="launcher says ZeRO stage 3 but --zero_stage is 2"):
@@ -240,7 +227,7 @@ def test_kwargs_handlers(monkeypatch):
     assert (ddp.static_graph, ddp.gradient_as_bucket_view) == (True, False)
 
 
-def test_broadcast_seed_single_process(fresh_state):
+def test_broadcast_seed_single_process():
     accelerator = build_accelerator(make_args())
     assert broadcast_seed(accelerator, 1234) == 1234
     assert broadcast_seed(accelerator, 0) == 0
@@ -249,7 +236,7 @@ def test_broadcast_seed_single_process(fresh_state):
     assert len(set(drawn)) == 3  # fresh draws (a collision has probability ~1e-9)
 
 
-def test_prepare_without_deepspeed_trains_like_plain_torch(fresh_state):
+def test_prepare_without_deepspeed_trains_like_plain_torch():
     """Single process: one step through PreparedTraining equals one hand-run AdamW step."""
     accelerator = build_accelerator(make_args())
     model = probe.build_model()
@@ -274,7 +261,7 @@ def test_prepare_without_deepspeed_trains_like_plain_torch(fresh_state):
     assert set(state) == {"weight", "bias"} and torch.equal(state["weight"], model.weight.detach())
 
 
-def test_unwrap_removes_torch_compile(fresh_state):
+def test_unwrap_removes_torch_compile():
     accelerator = build_accelerator(make_args())
     model = nn.Linear(2, 2)
     assert unwrap(accelerator, torch.compile(model)) is model  # compiling is lazy: nothing is compiled here
