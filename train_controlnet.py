@@ -37,10 +37,10 @@ def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--controlnet_model_name_or_path", default=None,
                        help="continue from this ControlNet (diffusers folder or single file); default: a new one "
                             "copied from the UNet's encoder")
-    group.add_argument("--control_net_lr", type=float, default=None, help="ControlNet learning rate (default --learning_rate)")
+    group.add_argument("--control_net_lr", type=config.learning_rate, default=None, help="ControlNet learning rate (default --learning_rate)")
     group.add_argument("--train_unet_decoder", action="store_true",
                        help="also train the UNet's decoder half (the original work's sd_locked=False)")
-    group.add_argument("--unet_decoder_lr", type=float, default=None, help="learning rate of the UNet decoder half")
+    group.add_argument("--unet_decoder_lr", type=config.learning_rate, default=None, help="learning rate of the UNet decoder half")
     group.add_argument("--only_mid_control", action="store_true", help="add only the middle-block residual")
     group.add_argument("--conditioning_scale", type=float, default=1.0, help="residual scale in training and sampling")
     group.add_argument("--fidelity_filter", choices=sorted(conditioning.FILTERS), default=None,
@@ -122,7 +122,8 @@ class ControlNetTrainee:
         """The ControlNet (a folder for --save_model_as diffusers, else one file); with --train_unet_decoder the
         whole model too, as ``<name>-model.safetensors``, since the ControlNet only works with that UNet."""
         save_controlnet(self.controlnet, path, self.model.family.name, dtype=self.save_dtype,
-                        metadata={"ss_steps": str(step), "ss_epoch": str(epoch)})
+                        metadata={"ss_steps": str(step), "ss_epoch": str(epoch)},
+                        overwrite=True)  # start-up checked that replacing is allowed (--overwrite / --resume)
         if self.train_unet_decoder:
             save_single_file(self.model, path.with_name(f"{path.stem}-model.safetensors"), dtype=self.save_dtype)
 

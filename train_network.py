@@ -40,8 +40,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dim_from_weights", action="store_true", help="take dim/alpha from --network_weights")
     group.add_argument("--network_train_unet_only", action="store_true")
     group.add_argument("--network_train_text_encoder_only", action="store_true")
-    group.add_argument("--unet_lr", type=float, default=None)
-    group.add_argument("--text_encoder_lr", type=float, nargs="*", default=None, help="one value, or one per text encoder")
+    group.add_argument("--unet_lr", type=config.learning_rate, default=None)
+    group.add_argument("--text_encoder_lr", type=config.learning_rate, nargs="*", default=None, help="one value, or one per text encoder")
     group.add_argument("--scale_weight_norms", type=float, default=None, help="max-norm regularisation of LoRA weights")
     group.add_argument("--no_metadata", action="store_true", help="write only the metadata a loader needs")
     group.add_argument("--training_comment", default=None)
@@ -132,11 +132,31 @@ class LoraTrainee:
 def create_network(args: argparse.Namespace, model: Any, module: Any) -> nn.Module:
     kwargs = parse_network_args(args.network_args)
     if args.network_weights and args.dim_from_weights:
-        network, _ = module.create_network_from_weights(1.0, args.network_weights, model.vae, model.text_encoders, model.unet, **kwargs)
+        create = module.create_network_from_weights
+        network, _ = create(1.0, args.network_weights, model.vae, model.text_encoders, model.unet,
+                            **_clip_skip_kwarg(create, args), **kwargs)
         return network
     network = module.create_network(1.0, args.network_dim or 4, args.network_alpha, model.vae, model.text_encoders,
-                                    model.unet, neuron_dropout=args.network_dropout, **kwargs)
+                                    model.unet, neuron_dropout=args.network_dropout,
+                                    **_clip_skip_kwarg(module.create_network, args), **kwargs)
     return network
+
+
+def _clip_skip_kwarg(create: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``clip_skip`` for network modules that take it (ours: no modules on text-encoder layers the loss never
+    sees, which DDP would stop on); kohya's plug-in signature has no such argument, so others get nothing."""
+    import inspect
+
+    return {"clip_skip": args.clip_skip} if "clip_skip" in inspect.signature(create).parameters else {}
+
+
+def check_network_flags(args: argparse.Namespace) -> None:
+    """Flag values no network can use, refused before the model is loaded."""
+    from networks.lora import NetworkArgumentError
+
+    if args.network_dim is not None and args.network_dim < 1:
+        raise NetworkArgumentError(f"--network_dim must be at least 1 (got {args.network_dim}): it is the LoRA rank, "
+                                   "e.g. --network_dim 16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +172,7 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     train_text_encoder = not args.network_train_unet_only
     if train_text_encoder and (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk):
         parser.error("--cache_text_encoder_outputs needs --network_train_unet_only: a trained text encoder changes its outputs")
+    check_network_flags(args)
     session = script_flow.open_session(args)
     model, accelerator = session.model, session.accelerator
 

@@ -26,19 +26,20 @@ from torch import nn  # noqa: E402
 from library import config, ema, fused_backward, optim, script_flow  # noqa: E402
 from library.checkpoints import SINGLE_FILE_FORMATS  # noqa: E402
 from library.models import StableDiffusionModel, is_single_file, save_diffusers, save_single_file  # noqa: E402
-from library.sdxl_blocks import block_param_groups, parse_block_lr  # noqa: E402
+from library.sdxl_blocks import block_param_groups, check_block_lr_flag, parse_block_lr  # noqa: E402
 from library.text_encoding import EncodedPrompts, PromptEncoder  # noqa: E402
 
 def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sdxl fine-tuning")
     group.add_argument("--train_text_encoder", action="store_true", help="also train both text encoders")
-    group.add_argument("--learning_rate_te1", type=float, default=None,
+    group.add_argument("--learning_rate_te1", type=config.learning_rate, default=None,
                        help="text encoder 1 learning rate (default --learning_rate; 0 freezes it)")
-    group.add_argument("--learning_rate_te2", type=float, default=None,
+    group.add_argument("--learning_rate_te2", type=config.learning_rate, default=None,
                        help="text encoder 2 learning rate (default --learning_rate; 0 freezes it)")
     group.add_argument("--block_lr", type=str, default=None,
                        help="23 comma-separated UNet learning rates: 0 time/label embedding, 1-9 input blocks, "
                             "10-12 middle, 13-21 output blocks, 22 out; 0 freezes a block")
+    config.add_validator(parser, check_block_lr_flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +100,12 @@ class FullModelTrainee:
         """Samples and validation use the EMA weights when EMA is on."""
         return self.averaged.swapped_into() if self.averaged is not None else contextlib.nullcontext()
 
+    def saved_parameter_count(self) -> int:
+        """Each save writes the whole model (twice with --save_raw_too), for the start-up disk-space estimate."""
+        modules = [self.model.unet, self.model.vae, *self.model.text_encoders]
+        copies = 2 if self.averaged is not None and self.save_raw_too else 1
+        return copies * sum(p.numel() for module in modules for p in module.parameters())
+
     def save(self, path: Path, step: int, epoch: int) -> None:
         """EMA weights are the saved model when EMA is on; --save_raw_too adds the raw ones as '<name>-raw'."""
         if self.averaged is None:
@@ -115,7 +122,8 @@ class FullModelTrainee:
                              metadata={"ss_steps": str(step), "ss_epoch": str(epoch)})
         else:
             save_diffusers(self.model, path, dtype=self.save_dtype,
-                           safe_serialization=self.save_format == "diffusers_safetensors")
+                           safe_serialization=self.save_format == "diffusers_safetensors",
+                           overwrite=True)  # start-up checked that replacing is allowed (--overwrite / --resume)
 
 
 def default_save_format(args: argparse.Namespace) -> str:

@@ -27,8 +27,10 @@ Deviations from kohya, and why:
       image fitted inside the bucket (axis-swapped), which is not the crop SDXL was conditioned on. For a
       kohya-made file (no ``resized_size``) we keep kohya's meaning when mirroring a flip
       (left = bucket_w - right); for ours we mirror in the resized image (left = resized_w - right).
-    * Validity also checks the latent shape against the bucket and that the image is unchanged (stored
-      size + mtime_ns; for kohya files, npz mtime >= image mtime); kohya checks key presence only.
+    * Validity also checks the latent shape against the bucket, that the image is unchanged (stored
+      size + mtime_ns; for kohya files, npz mtime >= image mtime) and that every latent value is finite
+      (a NaN from an fp16 VAE or a bad disk would otherwise stop training at its first step as a "NaN
+      loss"); kohya checks key presence only. A non-finite entry is rebuilt with one warning naming it.
     * Text-encoder outputs are keyed by the final caption text + tokenizers + max_token_length + clip_skip +
       encoder weights, not by image file, so an edited caption or a changed setting is a miss, not a
       silently wrong embedding. They are stored as float16 (kohya: float32 per image), sharded, and read
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -61,6 +64,9 @@ from library.text_encoding import EncodedPrompts, PromptEncoder
 LATENT_CACHE_FORMAT = 1
 TE_CACHE_FORMAT = 1
 VAE_DOWNSCALE = 8
+NON_FINITE_REASON = "latents contain NaN or inf values"
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------
 # Latent cache
@@ -164,6 +170,16 @@ class LatentEncodingError(RuntimeError):
     """The VAE returned NaN/inf latents."""
 
 
+class CacheFileError(RuntimeError):
+    """A cache file that cannot be written (read-only dataset folder, full disk) or read back while training
+    (deleted or damaged after the start-up check, or trusted with --skip_cache_check); names the file."""
+
+    def __str__(self) -> str:
+        from library.images import worker_message
+
+        return worker_message(super().__str__())
+
+
 def _npz_array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array in an .npz, reading only the .npy headers (not the data)."""
     headers = {}
@@ -227,20 +243,41 @@ def check_latent_cache(cache_path: str | os.PathLike, job: LatentJob, latent_cha
                 return CacheStatus("stale", f"{key} {tuple(meta[key].tolist())} differs from {tuple(want)}")
     elif path.stat().st_mtime_ns < image_stat.st_mtime_ns:
         return CacheStatus("stale", "cache file (kohya format) is older than the image")
-    return CacheStatus("valid")
+    return _check_finite(path, ("latents", "latents_flipped") if job.flip else ("latents",))
+
+
+def _check_finite(path: Path, keys: Sequence[str]) -> CacheStatus:
+    """Read the latent values (the only check that needs the data, ~40 KB per SD 512px entry, so it is last)."""
+    try:
+        with np.load(path) as npz:
+            finite = all(np.isfinite(npz[key]).all() for key in keys)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        return CacheStatus("stale", f"unreadable cache file: {err}")
+    return CacheStatus("valid") if finite else CacheStatus("stale", NON_FINITE_REASON)
 
 
 def load_cached_latents(cache_path: str | os.PathLike, flipped: bool = False) -> CachedLatents:
-    """Latents (unscaled, float32) plus the crop they were made from, mirrored if ``flipped``."""
-    with np.load(cache_path) as npz:
-        key = "latents_flipped" if flipped else "latents"
-        if key not in npz:
-            raise ValueError(f"{cache_path}: no '{key}' (cache it with flip_aug to train with flipped latents)")
-        latents = torch.from_numpy(np.asarray(npz[key], dtype=np.float32))
-        original_w, original_h = (int(v) for v in npz["original_size"])
-        left, top, right, _ = (int(v) for v in npz["crop_ltrb"])
-        alpha = torch.from_numpy(np.asarray(npz["alpha_mask"], dtype=np.float32)) if "alpha_mask" in npz else None
-        resized_w = int(npz["resized_size"][0]) if "resized_size" in npz else None
+    """Latents (unscaled, float32) plus the crop they were made from, mirrored if ``flipped``.
+
+    Raises FileNotFoundError for a missing file and :class:`CacheFileError` naming it for an unreadable one.
+    """
+    key = "latents_flipped" if flipped else "latents"
+    try:
+        with np.load(cache_path) as npz:
+            if key not in npz:
+                raise CacheFileError(f"{cache_path}: no '{key}' (cache it with flip_aug to train with flipped "
+                                     "latents)")
+            latents = torch.from_numpy(np.asarray(npz[key], dtype=np.float32))
+            original_w, original_h = (int(v) for v in npz["original_size"])
+            left, top, right, _ = (int(v) for v in npz["crop_ltrb"])
+            alpha = torch.from_numpy(np.asarray(npz["alpha_mask"], dtype=np.float32)) if "alpha_mask" in npz else None
+            resized_w = int(npz["resized_size"][0]) if "resized_size" in npz else None
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+        raise CacheFileError(f"{cache_path}: cannot read the cached latents ({type(error).__name__}: {error}); "
+                             "delete the file (it is rebuilt at the next start) or run without "
+                             "--skip_cache_check") from error
     target_h, target_w = latents.shape[1] * VAE_DOWNSCALE, latents.shape[2] * VAE_DOWNSCALE
     if flipped:
         # Ours: mirror the crop window in the resized image. kohya's crop_ltrb lives in bucket coordinates.
@@ -281,15 +318,26 @@ def _stable_seed(seed: int, text: str) -> int:
 
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temp file in the same folder, then rename: a reader never sees a half-written npz."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write to a temp file in the same folder, then rename: a reader never sees a half-written npz.
+
+    Raises :class:`CacheFileError` naming the file when the folder is not writable or the disk is full.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise CacheFileError(f"{path}: cannot write the latent cache ({error}); make the folder writable, or use "
+                              "--cache_latents (a per-run cache in --output_dir) instead of --cache_latents_to_disk"
+                              ) from error
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CacheFileError(f"{path}: cannot write the latent cache ({error}); free disk space or make the "
+                                  "folder writable") from error
         raise
 
 
@@ -334,6 +382,8 @@ def fill_latent_cache(
         if status is not None and status.is_valid:
             skipped += 1
             continue
+        if status is not None and status.reason == NON_FINITE_REASON:
+            logger.warning("%s: the cached latents contain NaN or inf values; encoding them again", path)
         rebuilt += int(path.exists())  # stale (or not checked): overwritten
         todo.append((path, job))
 
@@ -686,6 +736,14 @@ class TextEncoderOutputCache:
         """Write buffered entries as one new shard (data files first, the keys file last = commit)."""
         if not self._pending:
             return
+        try:
+            self._write_shard()
+        except OSError as error:
+            raise CacheFileError(f"{self.folder}: cannot write the text-encoder output cache ({error}); make it "
+                                  "writable or pass --text_encoder_cache_dir DIR") from error
+        self._pending, self._buffer_hidden, self._buffer_pooled = {}, None, None
+
+    def _write_shard(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "identity.json"
         if not meta.exists():
@@ -705,7 +763,6 @@ class TextEncoderOutputCache:
             os.replace(tmp, final)
         self._ensure_index()
         self._add_shard_to_index(name, keys)
-        self._pending, self._buffer_hidden, self._buffer_pooled = {}, None, None
 
     # -- reading ---------------------------------------------------------------------------------------
     def _read(self, path: Path, nbytes: int, offset: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -7,15 +7,15 @@ Names follow kohya so existing habits and scripts keep working:
 Unlike kohya, ``--save_state`` state holds the whole position of the run (optimizer step, epoch, batches
 consumed in the epoch, the seed), and ``--resume`` continues from exactly there: the batch sampler skips
 the consumed batches and every random draw is seeded from (seed, step), so an interrupted and resumed run
-ends with the same weights as an uninterrupted one. State folders are written under a temporary name and
-renamed, so a kill during a save never leaves a half-written state that a later ``--resume`` would trust.
+ends with the same weights as an uninterrupted one. Writing and reading state folders (safetensors and JSON,
+never pickle, atomically swapped in) is ``library.train_state_io``.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -126,21 +126,8 @@ class TrainState:
                           num_processes=data.get("num_processes", 1), extra=data.get("extra"))
 
 
-def save_training_state(accelerator: Any, folder: Path, state: TrainState) -> Path:
-    """accelerate's state (prepared models, optimizer, scheduler, RNG) plus our position, written atomically."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp-saving")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / TRAIN_STATE_FILE).write_text(state.to_json())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    accelerator.wait_for_everyone()
-    return folder
+class StateError(ValueError):
+    """A state folder that cannot be resumed; the message names the file or flag and the fix (one line)."""
 
 
 def read_training_state(folder: Path) -> TrainState:
@@ -148,34 +135,30 @@ def read_training_state(folder: Path) -> TrainState:
     folder = Path(folder)
     state_file = folder / TRAIN_STATE_FILE
     if not folder.is_dir():
-        raise FileNotFoundError(f"--resume {folder}: no such state folder (saved with --save_state as <name>{STATE_SUFFIX})")
+        raise StateError(f"--resume {folder}: no such state folder (saved with --save_state as <name>{STATE_SUFFIX})")
     if not state_file.is_file():
-        raise FileNotFoundError(
+        raise StateError(
             f"--resume {folder}: {TRAIN_STATE_FILE} is missing, so the step and epoch to resume from are unknown; "
             "was this folder written by --save_state of this trainer?"
         )
-    return TrainState.from_json(state_file.read_text())
-
-
-def load_training_state(accelerator: Any, folder: Path) -> TrainState:
-    state = read_training_state(folder)
-    if state.num_processes != accelerator.num_processes:
-        raise ValueError(
-            f"--resume {folder} was saved with {state.num_processes} process(es) but this run has "
-            f"{accelerator.num_processes}; the data order would differ, so exact resume is impossible"
-        )
-    accelerator.load_state(str(folder))
-    return state
+    try:
+        return TrainState.from_json(state_file.read_text())
+    except (KeyError, TypeError, ValueError) as error:
+        raise StateError(f"--resume {folder}: {TRAIN_STATE_FILE} is damaged ({type(error).__name__}: {error}): "
+                         "resume from another state folder") from None
 
 
 def latest_state_folder(output_dir: Path, output_name: str) -> Path | None:
-    """The newest ``{output_name}-step########-state`` or ``-######-state`` folder, for ``--resume auto``."""
-    pattern = re.compile(re.escape(output_name) + r"-(step\d{8}|\d{6})" + re.escape(STATE_SUFFIX) + "$")
-    candidates = [p for p in Path(output_dir).glob(f"{output_name}-*{STATE_SUFFIX}") if pattern.match(p.name)]
+    """The complete state folder with the most steps among ``{output_name}-step########-state``,
+    ``-######-state`` and the final ``{output_name}-state``, for ``--resume auto``. Temp and aside folders of an
+    interrupted save and ``-nan-`` states (written when the loss diverged) are not candidates."""
+    pattern = re.compile(re.escape(output_name) + r"(-step\d{8}|-\d{6}|)" + re.escape(STATE_SUFFIX) + "$")
+    candidates = [p for p in Path(output_dir).glob(f"{glob.escape(output_name)}*{STATE_SUFFIX}")
+                  if pattern.match(p.name) and p.is_dir()]
     with_steps = []
     for path in candidates:
         try:
-            with_steps.append((read_training_state(path).global_step, path))
-        except (FileNotFoundError, ValueError, KeyError):
+            with_steps.append((read_training_state(path).global_step, path.stat().st_mtime, path))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             continue
-    return max(with_steps)[1] if with_steps else None
+    return max(with_steps)[2] if with_steps else None

@@ -57,6 +57,11 @@ class TrainingArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.validators: list[Validator] = []
 
+    def error(self, message: str) -> Any:
+        """One line naming the flag, not argparse's full usage: these parsers have hundreds of flags, and the
+        usage dump buried the one line that mattered."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
 
 def add_validator(parser: argparse.ArgumentParser, validator: Validator) -> None:
     """Register a cross-flag rule that `parse_args` checks after merging the config file and the CLI.
@@ -89,6 +94,27 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (a step, a pixel tolerance)."""
     return _int_at_least(text, 0)
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def learning_rate(text: str) -> float:
+    """argparse type: a finite learning rate >= 0 that fits in float32.
+
+    Optimizers keep the rate next to fp32 weights: 1e39 becomes inf there and every weight NaN at step 1, and a
+    negative rate climbs the loss; both are refused before any work instead.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if value != value or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 freezes), got {text}")
+    if value > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text} overflows float32 (max 3.4e38); learning rates are usually "
+                                         "1e-7 to 1e-3")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -213,11 +239,11 @@ def add_training_arguments(parser: argparse.ArgumentParser,
     group.add_argument("--output_dir", type=str, default=None, help="where models, states and samples go")
     group.add_argument("--output_name", type=str, default=None, help="base name of saved files")
     group.add_argument("--seed", type=int, default=None, help="random seed")
-    group.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train")
-    group.add_argument("--max_train_epochs", type=int, default=None,
+    group.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps to train")
+    group.add_argument("--max_train_epochs", type=positive_int, default=None,
                        help="epochs to train; overrides --max_train_steps")
-    group.add_argument("--learning_rate", type=float, default=default_learning_rate, help="learning rate")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
+    group.add_argument("--learning_rate", type=learning_rate, default=default_learning_rate, help="learning rate")
+    group.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                        help="batches accumulated per optimizer step")
     group.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute activations in backward to save memory")
@@ -271,7 +297,13 @@ def add_saving_arguments(parser: argparse.ArgumentParser,
                        help="also save the training state (optimizer, RNG, step) with each model save")
     group.add_argument("--save_state_on_train_end", action="store_true",
                        help="save the training state at the end of training")
-    group.add_argument("--resume", type=str, default=None, help="training state folder to resume from")
+    group.add_argument("--resume", type=str, default=None,
+                       help="training state folder to resume from, or auto: the newest one in --output_dir")
+    group.add_argument("--resume_ignore_changes", action="store_true",
+                       help="resume even though the base model, network shape or dataset differ from the state's")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace files of an earlier run in --output_dir (checked at start-up; without it an "
+                            "existing output is an error, except the run's own later saves when resuming it)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

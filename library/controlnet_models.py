@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from library import ldm_layout
 from library.families import Family, resolve_family, standard_configs
 from library.models import ModelLoadError, is_single_file, read_checkpoint
-from library.safetensors_io import atomic_save_safetensors, atomic_torch_save
+from library.safetensors_io import atomic_save_folder, atomic_save_safetensors, atomic_torch_save
 
 # Written into single files we save: the ControlNetModel config, so the file rebuilds with no flags.
 CONTROLNET_CONFIG_METADATA_KEY = "sdtrainer.controlnet_config"
@@ -265,7 +265,8 @@ def _assign_weights(controlnet: ControlNetModel, weights: Mapping[str, torch.Ten
 
 
 def save_controlnet(controlnet: ControlNetModel, path: str | os.PathLike, family: Family | str,
-                    dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> None:
+                    dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None,
+                    overwrite: bool = False) -> None:
     """Save as a diffusers folder (``path`` without a file suffix) or one file (``.safetensors``/``.ckpt``...).
 
     Single files: SD1.x/SD2.x in the original ``control_model.*`` layout, SDXL diffusers-keyed; both
@@ -281,7 +282,7 @@ def save_controlnet(controlnet: ControlNetModel, path: str | os.PathLike, family
     if is_single_file(path):
         _save_single_file(controlnet, path, fam, dtype, metadata)
     else:
-        _save_folder(controlnet, path, dtype)
+        _save_folder(controlnet, path, dtype, overwrite)
 
 
 def _save_single_file(controlnet: ControlNetModel, path: Path, family: Family, dtype: torch.dtype | None,
@@ -303,13 +304,8 @@ def controlnet_config_dict(controlnet: ControlNetModel) -> dict[str, Any]:
     return {k: v for k, v in dict(controlnet.config).items() if not k.startswith("_") or k == "_class_name"}
 
 
-def _save_folder(controlnet: ControlNetModel, folder: Path, dtype: torch.dtype | None) -> None:
+def _save_folder(controlnet: ControlNetModel, folder: Path, dtype: torch.dtype | None, overwrite: bool = False) -> None:
     """`save_pretrained` into a temp folder renamed into place: a killed save never leaves half a model."""
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise FileExistsError(f"{folder} already exists and is not an empty folder; choose a new output path")
-    tmp = folder.with_name(folder.name + ".tmp-saving")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     if dtype is not None and dtype != controlnet.dtype:
         # a cast copy built around cast tensors: no second full-precision copy, and no `ModelMixin.to(dtype)`
         # (which warns about fp32 modules this model does not have)
@@ -317,10 +313,7 @@ def _save_folder(controlnet: ControlNetModel, folder: Path, dtype: torch.dtype |
             cast = ControlNetModel.from_config(controlnet.config)
         cast.load_state_dict(_cast(controlnet.state_dict(), dtype), strict=True, assign=True)
         controlnet = cast
-    controlnet.save_pretrained(tmp, safe_serialization=True)
-    if folder.exists():
-        folder.rmdir()
-    tmp.rename(folder)
+    atomic_save_folder(folder, partial(controlnet.save_pretrained, safe_serialization=True), overwrite)
 
 
 def _cast(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

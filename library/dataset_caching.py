@@ -67,7 +67,7 @@ from library.cache import (
 )
 from library.captions import CaptionOptions, build_prompt, is_caption_random, merge_caption_and_tags
 from library.dataset_config import DatasetConfig
-from library.images import CropPlan, apply_crop_plan, load_image, mask_to_tensor, plan_crop, to_tensor
+from library.images import CropPlan, ImageReadError, apply_crop_plan, load_image, mask_to_tensor, plan_crop, to_tensor
 from library.records import DatasetIndex, ImageRecord
 from library.text_encoding import PromptEncoder
 
@@ -279,6 +279,8 @@ def load_job_pixels(job: LatentJob, flipped: bool) -> torch.Tensor | tuple[torch
         if not job.alpha_mask:
             return pixels
         alpha = mask_to_tensor(apply_crop_plan(loaded.alpha, replace(plan, flipped=False)))  # type: ignore[arg-type]
+    except ImageReadError:
+        raise  # names the file already, and is a one-line user error
     except Exception as error:
         raise ValueError(f"{job.image_path}: cannot prepare the image for latent caching "
                          f"({type(error).__name__}: {error})") from error

@@ -92,7 +92,7 @@ _KIND_HINTS: dict[str, str] = {
 _CLI_OPTIONS: dict[str, str] = {
     "dreambooth": "--train_data_dir DIR (DreamBooth subfolders named '<repeats>_<class tokens>', e.g. '10_sks dog')",
     "finetuning": "--in_json META.json (fine-tuning, with --train_data_dir as the image folder)",
-    "controlnet": "--train_data_dir DIR with --conditioning_data_dir DIR (ControlNet)",
+    "controlnet": "--train_data_dir DIR with --conditioning_data_dir DIR or --conditioning_filter (ControlNet)",
 }
 
 # Value types of the keys: "bool", "int", "float" (an int is accepted), "str", "resolution" (int or [w, h]).
@@ -665,6 +665,11 @@ def _from_command_line(args: argparse.Namespace, cli: _Layer, supported: frozens
             return []
         # kohya's ControlNet convention: the images are directly in --train_data_dir, no repeat folders.
         subsets = [_Layer({"image_dir": train_dir, "conditioning_data_dir": cond_dir}, "argument --train_data_dir")]
+    elif train_dir is not None and getattr(args, "conditioning_filter", None) and _is_flat_image_folder(train_dir):
+        # kohya's ControlNet layout: images (and caption sidecars) directly in the folder; the filter makes
+        # each condition from its image, so no second folder and no repeat subfolders are needed.
+        kind = "dreambooth"
+        subsets = [_Layer({"image_dir": train_dir}, "argument --train_data_dir")]
     elif train_dir is not None:
         kind = "dreambooth"
         subsets = _dreambooth_subsets(train_dir, "train_data_dir", is_reg=False, problems=problems)
@@ -689,6 +694,18 @@ def _from_command_line(args: argparse.Namespace, cli: _Layer, supported: frozens
     return [] if built is None else [built]
 
 
+def _is_flat_image_folder(folder: str) -> bool:
+    """Images directly in ``folder`` and no ``<repeats>_<class tokens>`` subfolder (so not a DreamBooth root)."""
+    root = Path(folder).expanduser()
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return False
+    if any(e.is_dir() and _DREAMBOOTH_FOLDER_RE.match(e.name) for e in entries):
+        return False
+    return any(e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS for e in entries)
+
+
 def _dreambooth_subsets(folder: str, flag: str, *, is_reg: bool, problems: _Problems) -> list[_Layer]:
     """One subset per `<N>_<class tokens>` subfolder (N repeats); other folders are skipped with a warning."""
     root = Path(folder).expanduser()
@@ -697,7 +714,12 @@ def _dreambooth_subsets(folder: str, flag: str, *, is_reg: bool, problems: _Prob
         return []
     subsets: list[_Layer] = []
     loose_images = 0
-    for entry in sorted(root.iterdir()):
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as error:
+        problems.add(f"argument --{flag} '{folder}' cannot be listed ({error})")
+        return []
+    for entry in entries:
         if not entry.is_dir():
             loose_images += entry.suffix.lower() in IMAGE_EXTENSIONS
             continue

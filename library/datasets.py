@@ -39,6 +39,7 @@ from torch.utils.data import Dataset, Sampler
 from library.cache import CachedLatents, TextEncoderOutputCache, load_cached_latents
 from library.captions import build_prompt
 from library.dataset_caching import LatentCacheLocation, raise_if_not_cacheable
+from library.dataset_config import DatasetConfigError
 from library.images import (
     CropPlan,
     apply_crop_plan,
@@ -84,13 +85,13 @@ class SamplerInputs:
 def build_bucket_sampler_inputs(index: DatasetIndex) -> SamplerInputs:
     """The bucket key of every sample index (repeats expanded exactly as :class:`TrainingDataset` does).
 
-    All datasets must share one batch_size (see the module docstring for why); raises ValueError naming
-    them otherwise.
+    All datasets must share one batch_size (see the module docstring for why); raises DatasetConfigError
+    naming them otherwise.
     """
     sizes = {dataset.batch_size for dataset in index.datasets}
     if len(sizes) > 1:
         listed = ", ".join(f"{d.source}: {d.batch_size}" for d in index.datasets)
-        raise ValueError(f"all datasets must have the same batch_size for now ({listed}); set one batch_size "
+        raise DatasetConfigError(f"all datasets must have the same batch_size for now ({listed}); set one batch_size "
                          "in [general] or on the command line")
     if any(record.bucket is None for record in index.records):
         raise ValueError("records have no bucket yet: call assign_buckets (or build_dataset_index) first")

@@ -25,11 +25,19 @@ Choices, and why:
   (HSV value) factor in [0.9, 1.1], both from the sample's seeded ``random.Random``. It is applied to
   the training image only: a ControlNet conditioning image (edges, depth) must not change colour.
 * **Integrity check** (:func:`verify_image`): PIL's ``verify()`` (PNG: every chunk CRC and the IEND
-  chunk, so truncation and bit rot are caught; WebP: container structure), then a decode: JPEG in draft
-  mode at 1/8 scale (the entropy decoder still reads the whole file, so truncation is caught, at ~4 ms
-  for a 1024 px photo on one core), and WebP/BMP fully (they have no checksums). PNG is not decoded:
-  its CRCs already cover every byte. A JPEG with flipped bits inside the entropy-coded data decodes
-  "fine" and is not detected; nothing short of looking at it would notice.
+  chunk, so truncation and bit rot are caught; WebP: container structure), then a full decode of every
+  format. PNG needs it too: a file can be written with valid CRCs over a broken zlib stream (a buggy
+  exporter, a bad copy recomputed by a tool), which only inflating finds. JPEG is decoded in draft mode at
+  1/8 scale: the entropy decoder still reads every coefficient of the whole file, so truncation and broken
+  Huffman data are caught at a third of the cost. A JPEG with flipped bits that still form valid codes
+  decodes "fine" and is not detected; nothing short of looking at it would notice. Images that passed are
+  remembered by path, size and mtime (:class:`VerifiedImages`), so a restart decodes only what changed.
+* **Unusual modes are brought to 8-bit RGB by their meaning, not by PIL's clipping.** PIL's ``convert``
+  clips 16-bit ("I;16", "I") and float ("F") pixels to 0..255, so a 16-bit PNG trains as an almost white
+  image. Integer images are scaled from their bit depth (16-bit: /257; "I" is read as 16-bit when any value
+  exceeds 255, which is how PIL decodes 16-bit PNG/TIFF into it, else as 8-bit), float images from 0..1
+  (or clipped to 0..255 when values exceed 1). Palette images with transparency, "LA"/"PA" go through
+  RGBA (and so onto white); CMYK, "1", YCbCr etc. use PIL's own conversion.
 
 SDXL crop conditioning, and how it differs from kohya: SDXL's UNet is conditioned on
 ``crops_coords_top_left``, which its training data pipeline set to the number of pixels cut from the top
@@ -46,8 +54,13 @@ unbucketed images), and the target size is the bucket.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import random
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +77,31 @@ BRIGHTNESS_JITTER = 0.1
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # 90° rotations: width and height swap
 _WHITE = (255, 255, 255, 255)
+_WIDE_INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+VERIFIED_CACHE_FORMAT = 1
+
+logger = logging.getLogger(__name__)
+
+
+class ImageReadError(ValueError):
+    """An image that could not be decoded while training; the message names the file and the fix, so the
+    scripts print it as one ``error:`` line."""
+
+    def __str__(self) -> str:
+        return worker_message(super().__str__())
+
+
+def worker_message(text: str) -> str:
+    """The original one-line message of an error a DataLoader worker re-raised in the main process.
+
+    torch re-raises a worker's exception as the same type with "Caught X in DataLoader worker process N" and
+    the worker's whole traceback as the message; its last line is "module.X: <the original message>".
+    """
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def is_image_file(path: Path) -> bool:
@@ -76,14 +114,29 @@ def is_image_file(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _oriented_size(image: Image.Image) -> Size:
-    """The displayed (EXIF-rotated) size, read from the header without decoding pixels."""
-    width, height = image.size
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation, without decoding pixels.
+
+    PIL's ``getexif()`` on a PNG decodes the whole image to look for an eXIf chunk after the pixel data (and a
+    decode error there would go unnoticed); the PNG spec puts eXIf before IDAT, which ``open`` has parsed.
+    """
     try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        if image.format == "PNG":
+            raw = image.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(_EXIF_ORIENTATION, 1))
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # a broken EXIF block: PIL's exif_transpose ignores it too
-        orientation = 1
-    if orientation in _TRANSPOSING_ORIENTATIONS:
+        return 1
+
+
+def _oriented_size(image: Image.Image, size: Size | None = None) -> Size:
+    """The displayed (EXIF-rotated) size of ``image`` (or of ``size``, its size before a JPEG draft)."""
+    width, height = size or image.size
+    if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
         return height, width
     return width, height
 
@@ -98,7 +151,7 @@ def read_image_size(path: Path) -> Size:
 
 
 def verify_image(path: Path) -> Size:
-    """Check that ``path`` decodes (see the module docstring for what is checked) and return its size.
+    """Check that ``path`` decodes completely (see the module docstring) and return its displayed size.
 
     Raises ValueError with PIL's reason when the file is corrupt or truncated.
     """
@@ -107,18 +160,135 @@ def verify_image(path: Path) -> Size:
             file_format = image.format
             image.verify()  # must come first after open, and leaves the image unusable: reopen
         with Image.open(path) as image:
-            size = _oriented_size(image)
-            if file_format != "PNG":
-                if file_format == "JPEG":
-                    image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
-                image.load()
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+            stored_size = image.size
+            if file_format == "JPEG":
+                image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+            image.load()
+            size = _oriented_size(image, stored_size)
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, struct.error, ...
         raise ValueError(f"{type(error).__name__}: {error}") from error
     return size
 
 
+def default_verified_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sd-trainer/verified-images`` (``~/.cache/...`` without it): the user's cache, not the
+    dataset folder, which may be read-only or shared and should not gain files from a check."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sd-trainer" / "verified-images"
+
+
+@dataclass
+class VerifiedImages:
+    """Images that decoded completely, remembered by (file size, mtime_ns) so a restart skips them.
+
+    One small JSON file per image folder under ``directory``, holding only the entries this run verified
+    there, so files never grow with the history of a folder. Reads and writes never raise: a missing,
+    corrupt or unwritable cache only means decoding again. Writes are atomic (temp file + rename), so
+    concurrent ranks each leave a complete file. ``directory`` None keeps nothing.
+    """
+
+    directory: Path | None
+    _loaded: dict[Path, dict[str, list[int]]] = field(default_factory=dict)
+    _verified: dict[Path, dict[str, list[int]]] = field(default_factory=dict)
+
+    def _file_for(self, folder: Path) -> Path:
+        digest = hashlib.blake2b(str(folder).encode("utf-8"), digest_size=8).hexdigest()
+        return self.directory / f"{digest}.json"  # type: ignore[operator]
+
+    def _entries(self, folder: Path) -> dict[str, list[int]]:
+        if folder not in self._loaded:
+            entries: dict[str, list[int]] = {}
+            try:
+                data = json.loads(self._file_for(folder).read_text(encoding="utf-8"))
+                if data.get("format") == VERIFIED_CACHE_FORMAT and data.get("folder") == str(folder):
+                    entries = {k: v for k, v in data["images"].items() if isinstance(v, list) and len(v) == 4}
+            except (OSError, ValueError, TypeError, AttributeError, KeyError):
+                pass
+            self._loaded[folder] = entries
+        return self._loaded[folder]
+
+    def lookup(self, path: Path, stat: os.stat_result) -> Size | None:
+        """The size remembered for ``path`` if the file still has the size and mtime it had then."""
+        if self.directory is None:
+            return None
+        entry = self._entries(path.parent).get(path.name)
+        if entry is None or entry[0] != stat.st_size or entry[1] != stat.st_mtime_ns:
+            return None
+        self._verified.setdefault(path.parent, {})[path.name] = entry
+        return int(entry[2]), int(entry[3])
+
+    def remember(self, path: Path, stat: os.stat_result, size: Size) -> None:
+        """Record a successful decode; ``stat`` is taken before reading, so a file changed meanwhile is stale."""
+        if self.directory is not None:
+            self._verified.setdefault(path.parent, {})[path.name] = [stat.st_size, stat.st_mtime_ns, size[0], size[1]]
+
+    def save(self) -> None:
+        """Write each folder's verified entries (atomically); any OSError is ignored."""
+        if self.directory is None:
+            return
+        for folder, entries in self._verified.items():
+            if entries == self._loaded.get(folder):
+                continue
+            target = self._file_for(folder)
+            text = json.dumps({"format": VERIFIED_CACHE_FORMAT, "folder": str(folder), "images": entries})
+            try:
+                _write_text_atomic(target, text)
+            except OSError as error:
+                logger.debug("cannot write the verified-image cache %s: %s", target, error)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder, then rename: a reader (another rank) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def verify_image_cached(path: Path, verified: VerifiedImages) -> Size:
+    """:func:`verify_image`, skipped when ``verified`` remembers this exact file (same size and mtime)."""
+    stat = os.stat(path)
+    size = verified.lookup(path, stat)
+    if size is None:
+        size = verify_image(path)
+        verified.remember(path, stat, size)
+    return size
+
+
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def _wide_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float single-channel image as "L", scaled by its range (module docstring)."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scaled = array * 255.0 if array.size and array.max() <= 1.0 else array
+    else:
+        array = array.astype(np.float64)
+        sixteen_bit = image.mode != "I" or (array.size and array.max() > 255)
+        scaled = array / 257.0 if sixteen_bit else array
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb_and_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB with any transparency composited on white, alpha as "L" or None without transparency)."""
+    if image.mode in _WIDE_INTEGER_MODES or image.mode == "F":
+        image = _wide_to_8bit(image)  # a 16-bit colour key (tRNS) cannot be mapped to 8 bits: dropped
+        return image.convert("RGB"), None
+    if _has_alpha(image):
+        if image.mode == "La":
+            image = image.convert("LA")
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB"), alpha
+    return (image if image.mode == "RGB" else image.convert("RGB")), None
 
 
 @dataclass(frozen=True)
@@ -130,20 +300,21 @@ class LoadedImage:
 
 
 def load_image(path: Path, keep_alpha: bool = False) -> LoadedImage:
-    """Decode ``path``, apply its EXIF orientation and composite any transparency on white.
+    """Decode ``path``, apply its EXIF orientation, bring any mode to 8-bit RGB and composite transparency
+    on white.
 
     ``keep_alpha`` (the subset's ``alpha_mask``) also returns the alpha channel as an "L" image, so the
-    masked loss can ignore transparent areas.
+    masked loss can ignore transparent areas. A file that no longer decodes raises :class:`ImageReadError`
+    naming it (the start-up check passed, so it changed or broke since).
     """
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-    if _has_alpha(image):
-        rgba = image.convert("RGBA")
-        alpha = rgba.getchannel("A")
-        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
-    else:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        alpha = None
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+        rgb, alpha = to_rgb_and_alpha(image)
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
+        raise ImageReadError(f"{path}: cannot decode the image ({type(error).__name__}: {error}); re-export it "
+                             "or remove it, and check the dataset with tools/check_dataset.py") from error
     if keep_alpha and alpha is None:
         alpha = Image.new("L", rgb.size, 255)
     return LoadedImage(rgb=rgb, alpha=alpha if keep_alpha else None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from library import ldm_layout
 from library.clip_tokenizer import PAD_WITH_EXCLAMATION, build_clip_tokenizer
 from library.families import FAMILIES, Family, FamilyName, resolve_family, standard_configs
-from library.safetensors_io import atomic_save_safetensors, read_safetensors_metadata
+from library.safetensors_io import atomic_save_folder, atomic_save_safetensors, read_safetensors_metadata
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
 # Written into single files we save, so they convert back to the identical folder with no flags.
@@ -132,22 +131,43 @@ def _without_class_name(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_diffusers(model: StableDiffusionModel, output_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                   safe_serialization: bool = True) -> None:
-    """Write a folder that `DiffusionPipeline.from_pretrained` loads, via a temp folder renamed into place."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} already exists and is not empty; choose a new output path")
-    tmp = output_dir.with_name(output_dir.name + ".tmp-saving")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+                   safe_serialization: bool = True, overwrite: bool = False) -> None:
+    """Write a folder that `DiffusionPipeline.from_pretrained` loads, via a temp folder renamed into place;
+    an existing folder is an error unless ``overwrite`` (then it is swapped out atomically)."""
     if dtype is not None and dtype != model.unet.dtype:
         model = _copy_in_dtype(model, dtype)  # never cast the caller's modules down and back
-    model.to_pipeline().save_pretrained(tmp, safe_serialization=safe_serialization)
-    for index, tokenizer in enumerate(model.tokenizers):
-        _write_slow_tokenizer_files(tokenizer, tmp / ("tokenizer" if index == 0 else f"tokenizer_{index + 1}"))
-    if output_dir.exists():
-        output_dir.rmdir()
-    tmp.rename(output_dir)
+
+    def write(tmp: Path) -> None:
+        model.to_pipeline().save_pretrained(tmp, safe_serialization=safe_serialization)
+        for index in range(len(model.text_encoders)):
+            standardise_text_encoder_files(tmp / ("text_encoder" if index == 0 else f"text_encoder_{index + 1}"))
+        for index, tokenizer in enumerate(model.tokenizers):
+            _write_slow_tokenizer_files(tokenizer, tmp / ("tokenizer" if index == 0 else f"tokenizer_{index + 1}"))
+
+    atomic_save_folder(output_dir, write, overwrite)
+
+
+def standardise_text_encoder_files(folder: Path) -> None:
+    """Rewrite a saved text encoder's weights under the standard ``text_model.*`` names.
+
+    transformers 5 saves CLIPTextModel without the ``text_model.`` level; transformers 4.x (what kohya and
+    many tools pin) then finds every key missing and silently keeps a random text encoder. Both major
+    versions load the prefixed names.
+    """
+    from safetensors.torch import load_file
+
+    for file in sorted(folder.glob("model*.safetensors")):
+        tensors = load_file(str(file))
+        if any(k != _canonical_te_key(k) for k in tensors):
+            atomic_save_safetensors({_canonical_te_key(k): v for k, v in tensors.items()}, file,
+                                    read_safetensors_metadata(file) or {"format": "pt"})
+    for file in sorted(folder.glob("pytorch_model*.bin")):
+        tensors = torch.load(str(file), map_location="cpu", weights_only=True)
+        torch.save({_canonical_te_key(k): v for k, v in tensors.items()}, str(file))
+    for index_file in folder.glob("*.index.json"):
+        index = json.loads(index_file.read_text())
+        index["weight_map"] = {_canonical_te_key(k): v for k, v in index.get("weight_map", {}).items()}
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_in_dtype(model: StableDiffusionModel, dtype: torch.dtype) -> StableDiffusionModel:
@@ -170,11 +190,67 @@ def _write_slow_tokenizer_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
+def detect_model_family(path: str | os.PathLike) -> FamilyName | None:
+    """The family of a model path without loading weights: the one detector for start-up and loading.
+
+    A diffusers folder by its configs; a ``.safetensors`` file by its header's keys; a pickled checkpoint
+    by its keys through a memory map. None when the path does not exist or is no model we can peek into
+    (the full load then says why); a file that is not what its name says is a `ModelLoadError`.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return _family_of_folder(p).name if (p / "model_index.json").is_file() else None
+    if not p.is_file():
+        return None
+    if p.suffix.lower() == ".safetensors":
+        return ldm_layout.detect_family(_safetensors_shapes(p))
+    if is_single_file(p):
+        return _family_of_pickle(p)
+    return None
+
+
+def _safetensors_shapes(path: Path) -> dict[str, "_ShapeOnly"]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), "pt")
+        return {key: _ShapeOnly(handle, key) for key in handle.keys()}
+    except Exception as error:  # noqa: BLE001 - a broken header: the user needs the file name and the fix
+        reason = " ".join(str(error).split())
+        raise ModelLoadError(f"{path} could not be read as a safetensors file ({reason}): it is truncated or not a "
+                             "model; download it again or pass another --pretrained_model_name_or_path") from error
+
+
+class _ShapeOnly:
+    """Enough of a tensor for `ldm_layout.detect_family`: ``ndim`` of one key, read from the header lazily."""
+
+    def __init__(self, handle: Any, key: str) -> None:
+        self._handle, self._key = handle, key
+
+    @property
+    def ndim(self) -> int:
+        return len(self._handle.get_slice(self._key).get_shape())
+
+
+def _family_of_pickle(path: Path) -> FamilyName | None:
+    """Keys of a zip-format checkpoint through a memory map (no tensor data read); None for other formats."""
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy formats cannot be mapped; the full load reports real damage
+        return None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    return ldm_layout.detect_family(data) if isinstance(data, dict) else None
+
+
 def _family_of_folder(folder: Path) -> Family:
     index = json.loads((folder / "model_index.json").read_text())
     if index.get("_class_name", "").startswith("StableDiffusionXL") or "text_encoder_2" in index:
         return FAMILIES["sdxl"]
-    te_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    te_config_file = folder / "text_encoder" / "config.json"
+    if not te_config_file.is_file():
+        raise ModelLoadError(f"{folder} is not a Stable Diffusion model folder: text_encoder/config.json is missing")
+    te_config = json.loads(te_config_file.read_text())
     # SD2's OpenCLIP encoder uses gelu; CLIP ViT-L (SD1) uses quick_gelu.
     return FAMILIES["sd2"] if te_config.get("hidden_act") == "gelu" else FAMILIES["sd1"]
 
@@ -189,15 +265,26 @@ def load_diffusers(folder: str | os.PathLike, torch_dtype: torch.dtype | None = 
         kwargs["torch_dtype"] = torch_dtype
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
-    text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)]
+    text_encoders = [_load_text_encoder(CLIPTextModel, folder, "text_encoder", kwargs)]
     tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)]
     if family.is_sdxl:
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kwargs))
+        text_encoders.append(_load_text_encoder(CLIPTextModelWithProjection, folder, "text_encoder_2", kwargs))
         tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True))
     scheduler = EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     for module in (unet, vae, *text_encoders):
         module.eval()
     return StableDiffusionModel(family, unet, vae, text_encoders, tokenizers, scheduler, source=str(folder))
+
+
+def _load_text_encoder(cls: type, folder: Path, subfolder: str, kwargs: dict[str, Any]) -> CLIPTextModel:
+    """Either key form (``text_model.*`` or transformers 5's bare names); a weight left random is an error,
+    where transformers itself only warns."""
+    model, info = cls.from_pretrained(folder, subfolder=subfolder, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
+    if missing:
+        raise ModelLoadError(f"{folder / subfolder} is missing {len(missing)} text-encoder weights (first: {missing[0]}); "
+                             "the folder is incomplete or its weights do not match config.json")
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,6 +467,10 @@ def load_model(path: str | os.PathLike, family: str | None = None, vae: str | No
         if not p.is_absolute() and str(path).count("/") == 1 and not is_single_file(path):
             hint = " (model hub names cannot be downloaded here: download the model and pass its local path)"
         raise ModelLoadError(f"{path} does not exist: pass a diffusers model folder or a .safetensors/.ckpt file{hint}")
+    detected = detect_model_family(p)  # a damaged file fails here, with the same message as at start-up
+    if family is not None and detected is not None and resolve_family(family).name != detected:
+        raise ModelLoadError(f"{p} holds an {detected} model, but --family {family} was given; drop the flag or "
+                             "pick the right model")
     if p.is_dir():
         model = load_diffusers(p)
         if family is not None and resolve_family(family).name != model.family.name:

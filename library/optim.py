@@ -178,13 +178,11 @@ def build_optimizer(optimizer_type: str | None, params: Iterable[Any], learning_
     groups = _copy_param_groups(params)
     name = (optimizer_type or "AdamW").strip()
     spec = OPTIMIZERS.get(name.lower())
+    cls = optimizer_class(name)
     if spec is not None:
-        cls = _import_spec_class(spec)
         for key, value in spec.defaults:
             kwargs.setdefault(key, value)
         kwargs.update(spec.forced)
-    else:
-        cls = _resolve_custom_class(name)
 
     lr: float | None = learning_rate
     relative_step = False
@@ -211,6 +209,16 @@ def build_optimizer(optimizer_type: str | None, params: Iterable[Any], learning_
     description = f"{cls.__module__}.{cls.__name__}" + (f"({args_text})" if args_text else "")
     logger.info("optimizer: %s, lr=%s", description, learning_rate)
     return optimizer, description
+
+
+def optimizer_class(optimizer_type: str | None) -> type:
+    """The class `--optimizer_type` names, imported (a missing optional package is an ImportError naming it).
+
+    Cheap and model-free, so start-up can check it before any weights load.
+    """
+    name = (optimizer_type or "AdamW").strip()
+    spec = OPTIMIZERS.get(name.lower())
+    return _import_spec_class(spec) if spec is not None else _resolve_custom_class(name)
 
 
 def is_schedule_free(optimizer: Any) -> bool:

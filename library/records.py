@@ -5,9 +5,14 @@ Stages, each a plain function on plain data:
 1. :func:`collect_records` reads the subsets (fine-tuning metadata JSON/JSONL, DreamBooth folders with
    caption sidecars, ControlNet image/conditioning pairs) into :class:`ImageRecord` s and balances the
    regularisation images. It never raises for bad data: every problem becomes a :class:`Problem`.
-2. :func:`check_records` verifies every image file (see ``library.images.verify_image``).
+2. :func:`check_records` decodes every image file completely (``library.images.verify_image``); files that
+   passed before are remembered in the user's cache (``images.VerifiedImages``), so a restart is fast.
 3. :func:`assign_buckets` gives every record its bucket (a too-small image under bucket_no_upscale is a
    problem naming the file).
+
+Besides problems (which stop training), the index carries ``notices``: things that train but are probably
+not what the user meant (files in an image folder that are not images we read, images upscaled more than
+4x to reach their bucket, captions longer than the prompt length), shown in the start-up summary.
 4. :func:`build_dataset_index` runs 1-3 and keeps all problems; :func:`load_dataset_index` raises them
    together as one :class:`DatasetProblems`, so a user fixes the whole dataset in one go instead of one
    file per run. ``tools/check_dataset.py`` calls the same :func:`build_dataset_index`.
@@ -43,19 +48,23 @@ from typing import Any, Literal
 
 from library.buckets import BucketAssignment, BucketSet, Size, cover_resize, make_bucket_set
 from library.dataset_config import DatasetConfig, SubsetConfig
+from library.captions import build_prompt
 from library.images import (
     IMAGE_EXTENSIONS,
+    VerifiedImages,
+    default_verified_cache_dir,
     is_image_file,
     read_image_size,
-    verify_image,
+    verify_image_cached,
 )
 
 logger = logging.getLogger(__name__)
 
 CaptionSource = Literal["metadata", "caption_file", "class_tokens", "none"]
-
-
-CaptionSource = Literal["metadata", "caption_file", "class_tokens", "none"]
+# Files that live beside images and are not meant to be trained on: not reported as skipped.
+COMPANION_EXTENSIONS = frozenset({".txt", ".caption", ".json", ".jsonl", ".npz", ".npy", ".toml"})
+UPSCALE_WARNING_FACTOR = 4.0
+NAMES_IN_NOTICE = 5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +128,7 @@ class DatasetIndex:
     unused_reg_images: tuple[Path, ...] = ()
     dropped: tuple[ImageRecord, ...] = ()  # records no bucket could take (each also has a problem)
     bucket_sets: tuple[BucketSet | None, ...] = ()  # per dataset, after assign_buckets; None = fixed bucket
+    notices: tuple[str, ...] = ()  # warnings for the start-up summary; they do not stop training
 
     def raise_for_problems(self) -> None:
         """Raise :class:`DatasetProblems` listing every problem, if there are any."""
@@ -137,6 +147,7 @@ class _Scan:
 
     problems: list[Problem] = field(default_factory=list)
     listings: dict[Path, tuple[str, ...]] = field(default_factory=dict)
+    skipped: list[Path] = field(default_factory=list)  # files in image folders that are not read as images
 
     def add(self, location: Path | str, what: str, fix: str) -> None:
         self.problems.append(Problem(str(location), what, fix))
@@ -155,6 +166,15 @@ class _Scan:
         """Image files directly in ``directory`` (not recursive, hidden files skipped), sorted by name."""
         return [directory / name for name in self.listing(directory)
                 if is_image_file(Path(name)) and not name.startswith(".")]  # skip macOS "._x.png" etc.
+
+    def note_skipped_files(self, directory: Path, caption_extension: str) -> None:
+        """Remember the files of an image folder that are neither images we read nor caption/cache files
+        (a GIF, a TIFF, a video), so the summary can say they are not trained on."""
+        companions = COMPANION_EXTENSIONS | {caption_extension.lower()}
+        for name in self.listing(directory):
+            suffix = Path(name).suffix.lower()
+            if not name.startswith(".") and suffix not in IMAGE_EXTENSIONS and suffix not in companions:
+                self.skipped.append(directory / name)
 
     def image_size(self, path: Path) -> Size | None:
         """Header size, or None with a problem when the file is not a readable image."""
@@ -188,12 +208,25 @@ def collect_records(datasets: Sequence[DatasetConfig]) -> DatasetIndex:
                            "samples need)", dataset_index, len(left_out))
         records += balanced
         unused += left_out
+    notice = _listed_notice(
+        [str(path) for path in dict.fromkeys(scan.skipped)],
+        f"file(s) in the image folders are not used (only {', '.join(IMAGE_EXTENSIONS)} are read)",
+        "convert them to PNG to train on them, or move them out of the folder")
     return DatasetIndex(
         datasets=tuple(datasets),
         records=tuple(records),
         problems=tuple(scan.problems),
         unused_reg_images=tuple(unused),
+        notices=(notice,) if notice else (),
     )
+
+
+def _listed_notice(items: Sequence[str], what: str, fix: str) -> str | None:
+    """One line: the count, the first few items and the fix; None for no items."""
+    if not items:
+        return None
+    shown = ", ".join(items[:NAMES_IN_NOTICE]) + (", ..." if len(items) > NAMES_IN_NOTICE else "")
+    return f"{len(items)} {what}: {shown}; {fix}"
 
 
 def _collect_subset(dataset: DatasetConfig, subset: SubsetConfig, dataset_index: int, scan: _Scan) -> list[ImageRecord]:
@@ -278,6 +311,7 @@ def _collect_dreambooth(subset: SubsetConfig, dataset_index: int, scan: _Scan) -
         return []
     image_dir = _absolute(Path(subset.image_dir))
     paths = scan.images_in(image_dir)
+    scan.note_skipped_files(image_dir, subset.caption_extension)
     if not paths:
         scan.add(image_dir, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder",
                  "add images, or remove the subset from the dataset config")
@@ -555,11 +589,11 @@ def _finetuning_record(key: str, entry: Mapping[str, Any], meta: Path, base_dir:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_record(record: ImageRecord) -> list[Problem]:
+def _check_record(record: ImageRecord, verified: VerifiedImages) -> list[Problem]:
     problems = []
     try:
-        size = verify_image(record.image_path)
-    except ValueError as error:
+        size = verify_image_cached(record.image_path, verified)
+    except (ValueError, OSError) as error:
         return [Problem(str(record.image_path), f"corrupt or truncated image ({error})",
                         "re-export the image from its source, or delete it")]
     if record.size_from_metadata and size != record.image_size:
@@ -569,21 +603,27 @@ def _check_record(record: ImageRecord) -> list[Problem]:
             f"{size[0]}x{size[1]}", f"correct or remove image_size in {record.subset.metadata_file}"))
     if record.conditioning_path is not None:
         try:
-            verify_image(record.conditioning_path)
-        except ValueError as error:
+            verify_image_cached(record.conditioning_path, verified)
+        except (ValueError, OSError) as error:
             problems.append(Problem(str(record.conditioning_path), f"corrupt or truncated conditioning image "
                                     f"({error})", "re-export the conditioning image"))
     return problems
 
 
-def check_records(records: Sequence[ImageRecord], workers: int | None = None) -> list[Problem]:
-    """Verify every image (and conditioning image) decodes; compare metadata image_size with the file.
+def check_records(records: Sequence[ImageRecord], workers: int | None = None,
+                  verified_cache_dir: Path | None = None) -> list[Problem]:
+    """Decode every image (and conditioning image) completely; compare metadata image_size with the file.
 
     Runs in a thread pool (PIL releases the GIL while decoding); problems come back in record order.
+    ``verified_cache_dir``: where images that decoded are remembered (by size and mtime) and skipped next
+    time; None decodes everything and remembers nothing.
     """
+    verified = VerifiedImages(verified_cache_dir)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [problem for found in pool.map(_check_record, records) for problem in found]
+        found = list(pool.map(lambda record: _check_record(record, verified), records))
+    verified.save()
+    return [problem for problems in found for problem in problems]
 
 
 def fixed_bucket(image_size: Size, resolution: Size) -> BucketAssignment:
@@ -619,7 +659,7 @@ def assign_buckets(index: DatasetIndex, min_step: int = 64) -> DatasetIndex:
             problems.append(Problem(dataset.source, f"bucket settings: {error}", "fix the bucket options"))
             bucket_sets.append(None)
             broken.add(position)
-    records, dropped = [], []
+    records, dropped, upscaled = [], [], []
     for record in index.records:
         if record.dataset_index in broken:
             dropped.append(record)
@@ -637,27 +677,74 @@ def assign_buckets(index: DatasetIndex, min_step: int = 64) -> DatasetIndex:
             dropped.append(record)
             continue
         records.append(replace(record, bucket=assignment))
+        if assignment.scale > UPSCALE_WARNING_FACTOR:
+            upscaled.append(f"{record.image_path} ({assignment.scale:.1f}x)")
+    notice = _listed_notice(upscaled, f"image(s) are upscaled more than {UPSCALE_WARNING_FACTOR:g}x to reach their "
+                            "bucket and will train blurry", "use larger images, or a lower resolution / "
+                            "min_bucket_reso")
     return replace(index, records=tuple(records), problems=tuple(problems), dropped=tuple(dropped),
-                   bucket_sets=tuple(bucket_sets))
+                   bucket_sets=tuple(bucket_sets), notices=index.notices + ((notice,) if notice else ()))
 
 
-def build_dataset_index(datasets: Sequence[DatasetConfig], min_step: int = 64,
-                        verify_images: bool = True) -> DatasetIndex:
+def long_caption_notice(records: Sequence[ImageRecord], max_token_length: int) -> str | None:
+    """One warning counting the prompts longer than ``max_token_length`` CLIP tokens (they are cut).
+
+    Counted with the real CLIP tokenizer (SD1, SD2 and SDXL share its vocabulary; no model is needed) on the
+    prompt each record trains on, dropout and warm-up off. None when all fit or the tokenizer is missing.
+    """
+    try:
+        from library.clip_tokenizer import build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer()
+    except Exception as error:  # open-clip-torch missing: the check is a courtesy, not a requirement
+        logger.debug("caption length check skipped: %s", error)
+        return None
+    prompts = {_full_prompt(record): record.image_path for record in records}
+    texts = [text for text in prompts if text]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    long = [(length, text) for length, text in zip(lengths, texts) if length > max_token_length]
+    if not long:
+        return None
+    longest, text = max(long)
+    return (f"{len(long)} caption(s) are longer than {max_token_length} tokens and will be cut (longest: {longest} "
+            f"tokens, {prompts[text]}); shorten them, or raise --max_token_length (75, 150 or 225)")
+
+
+def _full_prompt(record: ImageRecord) -> str:
+    """The longest form of the record's prompt: both caption and tags, nothing dropped, no warm-up cut."""
+    options = replace(record.subset.captions, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
+                      caption_tag_dropout_rate=0.0, token_warmup_step=0,
+                      caption_tag_mode="concat" if record.subset.captions.caption_tag_mode == "random"
+                      else record.subset.captions.caption_tag_mode)
+    return build_prompt(record.caption, record.tags, options, random.Random(0), 1, 0, 0)
+
+
+def build_dataset_index(datasets: Sequence[DatasetConfig], min_step: int = 64, verify_images: bool = True, *,
+                        max_token_length: int | None = None,
+                        verified_cache_dir: Path | None | Literal["default"] = "default") -> DatasetIndex:
     """collect -> check -> buckets, keeping every problem in ``index.problems`` (never raises for data).
 
     ``verify_images=False`` skips decoding every file (for very large, already-checked datasets); the
-    metadata image_size is then trusted for bucketing.
+    metadata image_size is then trusted for bucketing. ``max_token_length``: also count the captions
+    longer than that (a notice). ``verified_cache_dir``: see :func:`check_records`; "default" is the user's
+    cache (``images.default_verified_cache_dir``).
     """
     index = collect_records(datasets)
     if verify_images:
-        index = replace(index, problems=index.problems + tuple(check_records(index.records)))
-    return assign_buckets(index, min_step)
+        cache_dir = default_verified_cache_dir() if verified_cache_dir == "default" else verified_cache_dir
+        problems = check_records(index.records, verified_cache_dir=cache_dir)  # type: ignore[arg-type]
+        index = replace(index, problems=index.problems + tuple(problems))
+    index = assign_buckets(index, min_step)
+    if max_token_length is not None:
+        notice = long_caption_notice(index.records, max_token_length)
+        index = replace(index, notices=index.notices + ((notice,) if notice else ()))
+    return index
 
 
 def load_dataset_index(datasets: Sequence[DatasetConfig], min_step: int = 64,
-                       verify_images: bool = True) -> DatasetIndex:
+                       verify_images: bool = True, *, max_token_length: int | None = None) -> DatasetIndex:
     """:func:`build_dataset_index`, raising :class:`DatasetProblems` (all of them at once) if any."""
-    index = build_dataset_index(datasets, min_step, verify_images)
+    index = build_dataset_index(datasets, min_step, verify_images, max_token_length=max_token_length)
     index.raise_for_problems()
     if not index.records:
         raise DatasetProblems([Problem("dataset config", "no training images", "add images to a subset")])

@@ -7,7 +7,6 @@ Kept out of the scripts so train_network.py, train_sdxl.py and train_controlnet.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,7 @@ from library import dataset_caching, sampling
 from library.buckets import BucketBatchSampler
 from library.dataset_config import DatasetConfig, load_dataset_configs
 from library.datasets import KeyedBatchSampler, TrainingDataset, build_bucket_sampler_inputs, collate_samples
-from library.ldm_layout import detect_family
-from library.models import StableDiffusionModel
+from library.models import StableDiffusionModel, detect_model_family
 from library.records import DatasetIndex, load_dataset_index, split_for_validation
 
 SDXL_BUCKET_STEP, SD_BUCKET_STEP = 32, 64
@@ -33,12 +31,30 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from library.dataset_caching import NotCacheableError
     from library.dataset_config import DatasetConfigError
     from library.models import ModelLoadError
+    from library.output_checks import OutputError
+    from library.preflight import StartupCheckError
     from library.records import DatasetProblems
     from library.sampling import SamplePromptError
     from library.training import TrainingStopped
+    from library.checkpoints import StateError
 
-    return (DatasetConfigError, DatasetProblems, NotCacheableError, ModelLoadError, SamplePromptError,
-            LatentEncodingError, TrainingStopped, FileNotFoundError)
+    return (OutputError, DatasetConfigError, DatasetProblems, NotCacheableError, ModelLoadError, SamplePromptError,
+            LatentEncodingError, TrainingStopped, FileNotFoundError, StartupCheckError, StateError, *_network_errors(), *_data_errors())
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    """A data file that breaks after the start-up check, or a cache folder that cannot be written."""
+    from library.cache import CacheFileError
+    from library.images import ImageReadError
+
+    return ImageReadError, CacheFileError
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """A LoRA file or network setting the user gave that cannot work (networks.lora's errors)."""
+    from networks.lora import LoRAWeightsError, NetworkArgumentError
+
+    return LoRAWeightsError, NetworkArgumentError
 
 
 def peek_family(args: argparse.Namespace) -> str | None:
@@ -47,27 +63,7 @@ def peek_family(args: argparse.Namespace) -> str | None:
         from library.families import resolve_family
 
         return resolve_family(args.family).name
-    path = Path(str(args.pretrained_model_name_or_path or ""))
-    if path.is_dir() and (path / "model_index.json").is_file():
-        index = json.loads((path / "model_index.json").read_text())
-        return "sdxl" if "text_encoder_2" in index else ("sd2" if args.v2 else None)
-    if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            return detect_family({key: _ShapeOnly(handle, key) for key in handle.keys()})
-    return None
-
-
-class _ShapeOnly:
-    """Enough of a tensor for `detect_family`: it reads only ``ndim`` of one key, lazily."""
-
-    def __init__(self, handle: Any, key: str) -> None:
-        self._handle, self._key = handle, key
-
-    @property
-    def ndim(self) -> int:
-        return len(self._handle.get_slice(self._key).get_shape())
+    return detect_model_family(str(args.pretrained_model_name_or_path or ""))
 
 
 @dataclass
@@ -154,7 +150,8 @@ def build_training_data(args: argparse.Namespace, support: set[str] | None = Non
 
         raise DatasetConfigError("--masked_loss weights the loss by each image's alpha channel, but no subset loads "
                                  "it: add --alpha_mask (or alpha_mask = true in the dataset config)")
-    index, validation = split_for_validation(load_dataset_index(datasets, min_step=min_step))
+    index, validation = split_for_validation(load_dataset_index(datasets, min_step=min_step,
+                                                                max_token_length=args.max_token_length or 75))
     return TrainingData(datasets, index, family == "sdxl", build_bucket_sampler_inputs(index), validation)
 
 
@@ -170,6 +167,8 @@ def fill_caches(args: argparse.Namespace, accelerator: Any, data: TrainingData, 
     caches = Caches()
     is_sdxl = model.family.is_sdxl
     latent_mode = dataset_caching.latent_cache_mode(args)
+    if "run" in (latent_mode, dataset_caching.text_cache_mode(args)):  # this run's temp caches live in --output_dir
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if latent_mode is not None:
         directory = None
         if latent_mode == "run":
@@ -247,6 +246,7 @@ def print_summary(accelerator: Any, args: argparse.Namespace, model: StableDiffu
         f"optimizer: {optimizer_description}; lr scheduler {args.lr_scheduler}",
         f"mixed precision: {args.mixed_precision}; gradient checkpointing: {bool(args.gradient_checkpointing)}",
         f"output: {save.model_path(save.output_name)}",
+        *(f"warning: {notice}" for notice in data.index.notices),
     ]
     accelerator.print("\n".join(lines))
 

@@ -305,6 +305,18 @@ def make_sampler(name: str, scheduler_config: Any) -> Any:
     return getattr(diffusers, class_name).from_config({**config, **overrides})
 
 
+def check_sampler(name: str) -> None:
+    """Build sampler ``name`` once with its defaults, so a missing optional dependency (LMS needs scipy) fails
+    at start-up instead of at the first sample, hours in."""
+    import diffusers
+
+    class_name, overrides = _SAMPLERS[_canonical_sampler(name)]
+    try:
+        getattr(diffusers, class_name)(**overrides)
+    except ImportError as error:
+        raise ImportError(f"sampler {name} ({class_name}) cannot be built: {' '.join(str(error).split())}") from None
+
+
 def should_sample(step: int, epoch: int | None, every_n_steps: int | None, every_n_epochs: int | None,
                   at_first: bool, is_epoch_end: bool, before_training: bool | None = None) -> bool:
     """Whether to sample now, with kohya's rules.

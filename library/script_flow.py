@@ -21,8 +21,11 @@ from typing import Any, Callable
 import torch
 
 from library import accelerate_utils, config, noise, optim, sampling, validation
-from library.checkpoints import SaveSettings, TrainState, load_training_state, read_training_state
+from library.checkpoints import SaveSettings, TrainState
+from library.train_state_io import TrainingStateIO, prepare_resume, run_settings
 from library.models import StableDiffusionModel, load_model
+from library.output_checks import check_outputs, warn_if_disk_short
+from library.preflight import check_run_can_start
 from library.run_setup import (
     TrainingData,
     apply_attention_backend,
@@ -88,7 +91,9 @@ class Session:
 def open_session(args: argparse.Namespace, support: set[str] | None = None,
                  required_family: str | None = None) -> Session:
     """Everything before the trainable parts exist; data problems are raised before the model is loaded."""
-    resume_state = read_training_state(Path(args.resume)) if args.resume else None  # fail before any work
+    check_run_can_start(args)  # optional packages and backends the flags ask for, before any data or model
+    resume_state = prepare_resume(args)  # recovers interrupted saves, --resume auto, checks the state: before any work
+    check_outputs(args, resume_state)  # an unusable --output_dir or a taken name: before the data and model
     data = build_training_data(args, support)
     accelerator = accelerate_utils.build_accelerator(args)
     seed = accelerate_utils.broadcast_seed(accelerator, resume_state.seed if resume_state else args.seed)
@@ -162,11 +167,12 @@ def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, opt
     args, accelerator, model = session.args, session.accelerator, session.model
     prepared = accelerate_utils.prepare_for_deepspeed(accelerator, trainee.trainable_modules(), optimizer, lr_scheduler)
     trainee.use_prepared(prepared.models)
-    for extra_state in register_for_checkpointing:  # e.g. EMA weights: saved and restored with the state
-        accelerator.register_for_checkpointing(extra_state)
+    state_io = TrainingStateIO(accelerator, prepared.models, prepared.optimizer, prepared.lr_scheduler,
+                               custom=tuple(register_for_checkpointing),  # e.g. EMA weights: saved with the state
+                               settings=run_settings(args, model.family.name), engine=prepared.engine)
     start: TrainState | None = None
     if args.resume:
-        start = load_training_state(accelerator, Path(args.resume))
+        start = state_io.load(Path(args.resume), family=model.family.name)
         accelerator.print(f"resuming from {args.resume}: step {start.global_step}, epoch {start.epoch}")
     noise_options = noise.noise_options_from_args(args)
     run = TrainingRun(
@@ -178,12 +184,15 @@ def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, opt
         noise_options=noise_options, loss_options=noise.loss_options_from_args(args),
         save=SaveSettings.from_args(args, save_extension), max_grad_norm=args.max_grad_norm if clip_in_loop else 0.0,
         prior_loss_weight=session.data.prior_loss_weight, vae_dtype=session.vae_dtype, weight_dtype=session.weight_dtype,
-        start=start, extra_logs=extra_logs,
+        start=start, extra_logs=extra_logs, state_io=state_io,
+        resumed_from=Path(args.resume) if args.resume else None,
     )
     attach_sampling(run, args, model, pipeline.prompt_encoder, accelerator, session.weight_dtype, session.data.resolution,
                     controlnet=sampling_controlnet, measure=sample_metrics)
     validation.attach_validation(run, args, session.data.validation_index, session.seed)
     print_summary(accelerator, args, model, session.data, pipeline.plan, optimizer_description, run.save)
+    warn_if_disk_short(accelerator, run.save, pipeline.plan.max_train_steps, pipeline.plan.num_epochs, trainee,
+                       session.save_dtype)
     accelerator.print(f"attention: {session.attention}")
     start_logging(accelerator, args, args.log_tracker_name or project_name)
     try:

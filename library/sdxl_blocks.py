@@ -38,9 +38,23 @@ def parse_block_lr(text: str) -> list[float]:
         raise ValueError(f"--block_lr takes {NUM_BLOCKS} comma-separated values (0 = time/label embedding, 1-9 input "
                          f"blocks, 10-12 middle, 13-21 output blocks, 22 out), got {len(values)}")
     try:
-        return [float(v) for v in values]
+        rates = [float(v) for v in values]
     except ValueError:
         raise ValueError(f"--block_lr {text!r}: every value must be a number") from None
+    if any(not 0 <= rate < float("inf") for rate in rates):
+        raise ValueError(f"--block_lr {text!r}: every value must be a finite number >= 0 (0 freezes a block)")
+    return rates
+
+
+def check_block_lr_flag(args: Any) -> str | None:
+    """Parser validator: a malformed --block_lr is refused with the other flag errors, before any work."""
+    try:
+        text = getattr(args, "block_lr", None)
+        if text:
+            parse_block_lr(text)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def block_param_groups(unet: nn.Module, block_lrs: list[float]) -> list[dict[str, Any]]:

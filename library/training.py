@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from library import noise as noise_lib
 from library.optim import is_schedule_free
-from library.checkpoints import SaveSettings, TrainState, outdated_epoch_names, outdated_step_names, remove_paths, \
-    save_training_state
+from library.checkpoints import SaveSettings, TrainState, outdated_epoch_names, outdated_step_names, remove_paths
+from library.train_state_io import state_before_divergence
+from library.output_checks import raise_save_failure, save_failure, save_failures
 from library.text_encoding import EncodedPrompts, PromptEncoder
 
 
@@ -150,6 +151,9 @@ class TrainingRun:
     log_every: int = 1
     extra_logs: Callable[[], dict[str, float]] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    state_io: Any = None  # library.train_state_io.TrainingStateIO: writes the --save_state folders
+    resumed_from: Path | None = None  # the --resume folder
+    saved_states: list[tuple[int, Path]] = field(default_factory=list)  # (step, folder) of this run's states
 
 
 def _latents(run: TrainingRun, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -255,14 +259,26 @@ def _evaluation(run: TrainingRun, trainee_weights: bool = True) -> Iterator[None
 def _save_model(run: TrainingRun, name: str, step: int, epoch: int) -> Path:
     path = run.save.model_path(name)
     with _evaluation(run, trainee_weights=False):
+        failure = None
         if run.accelerator.is_main_process:
-            run.trainee.save(path, step, epoch)
+            try:
+                run.trainee.save(path, step, epoch)
+            except save_failures() as error:  # a full disk: one line, and every rank stops
+                failure = error
+        raise_save_failure(run.accelerator, path, failure, run.save)
         run.accelerator.wait_for_everyone()
     return path
 
 
-def _save_state(run: TrainingRun, name: str, state: TrainState) -> Path:
-    return save_training_state(run.accelerator, run.save.state_path(name), state)
+def _save_state(run: TrainingRun, name: str, state: TrainState, regular: bool = True) -> Path:
+    path = run.save.state_path(name)
+    try:
+        folder = run.state_io.save(path, state)
+    except save_failures() as error:
+        raise save_failure(path, error, run.save) from error
+    if regular:  # a candidate to resume from after a NaN/inf stop
+        run.saved_states.append((state.global_step, folder))
+    return folder
 
 
 def train(run: TrainingRun) -> TrainState:
@@ -372,14 +388,27 @@ def _prune(run: TrainingRun, model_names: list[str], state_names: list[str]) -> 
 
 
 def _stop_on_nan(run: TrainingRun, step: int, epoch: int, batches_done: int) -> None:
-    """Keep the last good weights (the optimizer has not stepped on the bad loss) and stop."""
+    """Stop, keep the weights at the stop for inspection, and name the newest state from before the divergence.
+
+    The weights at the stop are finite (the optimizer has not stepped on the bad loss) but usually already
+    diverged (at a huge learning rate they are ~1e10 in size), so resuming from them fails again: the state to
+    resume from is the newest one saved before the loss exploded.
+    """
     name = f"{run.save.output_name}-nan-step{step:08d}"
     path = _save_model(run, name, step, epoch)
-    state_path = _save_state(run, name, TrainState(step, epoch, batches_done, run.seed, run.accelerator.num_processes))
+    _save_state(run, name, TrainState(step, epoch, batches_done, run.seed, run.accelerator.num_processes), regular=False)
+    candidates = list(run.saved_states)
+    if run.resumed_from is not None and run.start is not None:
+        candidates.append((run.start.global_step, run.resumed_from))
+    good = state_before_divergence(candidates, run.history, step)
+    if good is not None:
+        advice = f"resume from {good}, the newest state saved before the loss diverged, with a lower --learning_rate"
+    else:
+        advice = ("no state was saved before the loss diverged: add --save_state --save_every_n_steps N to keep "
+                  "states to resume from, and start again with a lower --learning_rate")
     raise TrainingStopped(
-        f"the loss became NaN/inf at step {step + 1} (epoch {epoch}); the last good weights are in {path} and the "
-        f"state to resume from in {state_path}. Try a lower learning rate, --mixed_precision bf16 instead of fp16, "
-        "or --no_half_vae for SDXL."
+        f"the loss became NaN/inf at step {step + 1} (epoch {epoch}); the weights at the stop ({path}) have diverged; "
+        f"{advice}. Also consider --mixed_precision bf16 instead of fp16, or --no_half_vae for SDXL."
     )
 
 

@@ -9,7 +9,12 @@ What gets a LoRA (kohya's choice, matched here by module class and structure, no
   * With ``conv_dim`` (LoCon): the 3x3 convs of ``ResnetBlock2D``/``Downsample2D``/``Upsample2D`` get
     ``conv_dim``/``conv_alpha``; the Linear/1x1 layers in them (time_emb_proj, conv_shortcut) get the
     normal ``network_dim``. conv_in/conv_out and the time/added embeddings never get one.
-  * Text encoders: ``self_attn.{q,k,v,out}_proj`` and ``mlp.fc1/fc2`` of every CLIP encoder layer.
+  * Text encoders: ``self_attn.{q,k,v,out}_proj`` and ``mlp.fc1/fc2`` of every CLIP encoder layer whose
+    output reaches the conditioning (`text_encoder_layers_in_use`). Unlike kohya, no module is made on a layer
+    that cannot change the loss: SDXL's text encoder 1 is read at its penultimate layer, so its last layer
+    gets none, and with ``clip_skip`` k the last k-1 layers of an SD1/SD2 encoder get none. Such a module
+    would never learn, and under DDP its parameters, which receive no gradient, stop training at step 2.
+    The file has fewer ``lora_te`` keys than kohya's; A1111, ComfyUI and diffusers load it all the same.
 
 Saved key names (``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha``):
   * ``lora_unet_`` + module path with ``.`` -> ``_``. SD1/SD2 use diffusers paths
@@ -53,7 +58,7 @@ DEFAULT_CONV_ALPHA = 1.0
 # look-alike classes from other code bases (kohya's own SAI UNet uses the same names) are treated alike.
 TRANSFORMER_CLASSES = ("Transformer2DModel",)
 CONV_BLOCK_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-_TE_TARGET = re.compile(r"(?:text_model\.)?encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])")
+_TE_TARGET = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])")
 
 # Block indices for block-wise dims/LR (kohya's get_block_index): SD1/SD2 have 25 entries
 # (0..11 down = LDM input_blocks 0..11, 12 mid, 13..24 up = output_blocks 0..11); SDXL has 23
@@ -72,6 +77,10 @@ NETWORK_KWARGS = (
 
 class LoRAWeightsError(ValueError):
     """A weights file that does not fit the model; the message says which keys and why."""
+
+
+class NetworkArgumentError(ValueError):
+    """A network setting (``--network_dim``, ``--network_args`` value) that cannot work; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,14 +261,37 @@ def _block_index(ldm_path: str, sdxl: bool) -> int:
     return -1
 
 
-def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> list[LoRATarget]:
-    """q/k/v/out projections and fc1/fc2 of every CLIP encoder layer, named from ``text_model.``."""
+def text_encoder_targets(text_encoder: nn.Module, prefix: str, layers: int | None = None) -> list[LoRATarget]:
+    """q/k/v/out projections and fc1/fc2 of the CLIP encoder layers, named from ``text_model.``.
+
+    ``layers``: only the first ``layers`` encoder layers (those whose output is used); None: all of them.
+    """
     targets = []
     for name, module in text_encoder.named_modules():
-        if isinstance(module, nn.Linear) and _TE_TARGET.fullmatch(name):
+        match = _TE_TARGET.fullmatch(name)
+        if isinstance(module, nn.Linear) and match and (layers is None or int(match.group(1)) < layers):
             canonical = name if name.startswith("text_model.") else "text_model." + name
             targets.append(LoRATarget(_underscored(prefix, canonical), module, False, -1))
     return targets
+
+
+def text_encoder_layers_in_use(text_encoders: Sequence[nn.Module], sdxl: bool, clip_skip: int | None = None) -> list[int]:
+    """How many leading encoder layers of each text encoder can change the conditioning (see
+    `library.text_encoding`): SD1/SD2 read the output of layer ``n - clip_skip``; SDXL reads encoder 1's and
+    encoder 2's penultimate layers, and encoder 2's last layer too, through the pooled vector."""
+    counts = [_layer_count(te) for te in text_encoders]
+    if sdxl:
+        return [counts[0] - 1, *counts[1:]]
+    skip = max(int(clip_skip or 1), 1)
+    return [max(count - (skip - 1), 0) for count in counts]
+
+
+def _layer_count(text_encoder: nn.Module) -> int:
+    config = getattr(text_encoder, "config", None)
+    if config is not None and getattr(config, "num_hidden_layers", None) is not None:
+        return int(config.num_hidden_layers)
+    indices = {int(m.group(1)) for name, _ in text_encoder.named_modules() if (m := _TE_TARGET.fullmatch(name))}
+    return max(indices, default=-1) + 1
 
 
 def text_encoder_prefixes(count: int) -> tuple[str, ...]:
@@ -312,7 +344,7 @@ def _number_list(value: Any, kind: type, name: str, length: int | None = None) -
         return None
     items = [kind(v) for v in (value.split(",") if isinstance(value, str) else value)]
     if length is not None and len(items) != length:
-        raise ValueError(f"{name} needs {length} comma-separated values for this model, got {len(items)}")
+        raise NetworkArgumentError(f"{name} needs {length} comma-separated values for this model, got {len(items)}")
     return items
 
 
@@ -332,7 +364,7 @@ def _lr_weight_list(value: Any, length: int, name: str) -> list[float] | None:
             "zeros": [0.0] * length,
         }
         if preset not in presets:
-            raise ValueError(f"{name}={value!r}: expected a comma list or one of {', '.join(presets)} (optionally +base)")
+            raise NetworkArgumentError(f"{name}={value!r}: expected a comma list or one of {', '.join(presets)} (optionally +base)")
         return [w + offset for w in presets[preset]]
     weights = _number_list(value, float, name)
     return (weights + [1.0] * length)[:length]  # kohya pads short lists with 1.0 and truncates long ones
@@ -415,7 +447,10 @@ class LoRANetwork(nn.Module):
                  conv_alpha: float | None = None, blocks: BlockSettings | None = None,
                  modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None,
                  loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
-                 loraplus_text_encoder_lr_ratio: float | None = None, verbose: bool = False) -> None:
+                 loraplus_text_encoder_lr_ratio: float | None = None, verbose: bool = False,
+                 text_encoder_layers: Sequence[int | None] | None = None) -> None:
+        """``text_encoder_layers``: per text encoder, how many leading layers get modules (None: all), from
+        `text_encoder_layers_in_use`; the modules left out are remembered so their keys in a file are skipped."""
         super().__init__()
         _check_probability("network_dropout", dropout, allow_one=False)
         _check_probability("rank_dropout", rank_dropout, allow_one=False)  # it rescales by 1/(1-p)
@@ -433,8 +468,13 @@ class LoRANetwork(nn.Module):
         self._aliases = _name_aliases(unet, text_encoders)
 
         self.text_encoder_loras: list[LoRAModule] = []
-        for prefix, te in zip(self.text_encoder_prefixes, text_encoders):
-            self.text_encoder_loras += self._create_modules(text_encoder_targets(te, prefix), modules_dim, modules_alpha)
+        limits = list(text_encoder_layers) if text_encoder_layers is not None else [None] * len(text_encoders)
+        left_out: set[str] = set()
+        for prefix, te, limit in zip(self.text_encoder_prefixes, text_encoders, limits):
+            used = text_encoder_targets(te, prefix, limit)
+            left_out |= {t.lora_name for t in text_encoder_targets(te, prefix)} - {t.lora_name for t in used}
+            self.text_encoder_loras += self._create_modules(used, modules_dim, modules_alpha)
+        self.left_out = frozenset(left_out)  # text-encoder modules that could not change the output
         self.unet_loras: list[LoRAModule] = []
         if unet is not None:
             with_conv = modules_dim is not None or conv_lora_dim is not None or self.blocks.conv_dims is not None
@@ -570,7 +610,7 @@ class LoRANetwork(nn.Module):
         if len(lrs) == 1:
             return lrs * count
         if len(lrs) != count:
-            raise ValueError(f"text_encoder_lr lists {len(lrs)} values for a model with {count} text encoders")
+            raise NetworkArgumentError(f"text_encoder_lr lists {len(lrs)} values for a model with {count} text encoders")
         return [default_lr if lr is None else lr for lr in lrs]
 
     # -- max-norm regularisation (--scale_weight_norms) ------------------------------------------------
@@ -627,16 +667,25 @@ class LoRANetwork(nn.Module):
         return self.load_state_dict_checked(weights_sd, source=str(file))
 
     def load_state_dict_checked(self, weights_sd: dict[str, torch.Tensor], source: str = "weights") -> Any:
+        """Load ``weights_sd``; keys of modules this network left out on purpose (text-encoder layers that
+        cannot change the output, as kohya's files have) are skipped, any other unknown key is an error."""
         own = self.state_dict()
+        skipped = [k for k in weights_sd if k not in own and k.partition(".")[0] in self.left_out]
+        if skipped:
+            logger.info("LoRA: %s: skipped %d tensors of text-encoder layers that do not reach the output",
+                        source, len(skipped))
+            weights_sd = {k: v for k, v in weights_sd.items() if k not in skipped}
         unknown = sorted(k for k in weights_sd if k not in own)
         if unknown:
             raise LoRAWeightsError(
-                f"{source} has {len(unknown)} key(s) that match no LoRA module of this network, e.g. "
-                f"{', '.join(unknown[:3])}. Is the file for another model family, or trained with conv_dim "
-                f"(LoCon) / other block dims? Load it with create_network_from_weights to take its layout.")
+                f"{source} does not fit this model: {len(unknown)} key(s) match no LoRA module, e.g. "
+                f"{', '.join(unknown[:2])}; it was trained for another model family or with another conv_dim "
+                "(LoCon) / block dims: use a LoRA made for this model, or --dim_from_weights to take its layout")
         wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights_sd.items() if v.shape != own[k].shape]
         if wrong:
-            raise LoRAWeightsError(f"{source} has tensors of another rank/shape than this network: {'; '.join(wrong[:3])}")
+            raise LoRAWeightsError(
+                f"{source} has another rank/shape than this network ({'; '.join(wrong[:2])}): pass the "
+                "--network_dim/--network_alpha it was trained with, or --dim_from_weights")
         return self.load_state_dict(weights_sd, strict=False)
 
     # -- merging into the base weights -----------------------------------------------------------------
@@ -672,7 +721,7 @@ class LoRANetwork(nn.Module):
 
 def _check_probability(name: str, value: float | None, allow_one: bool) -> None:
     if value is not None and not (0 <= value < 1 or (allow_one and value == 1)):
-        raise ValueError(f"{name} must be in [0, 1{']' if allow_one else ')'}, got {value}")
+        raise NetworkArgumentError(f"{name} must be in [0, 1{']' if allow_one else ')'}, got {value}")
 
 
 def _lora_param_groups(loras: list[LoRAModule], lr: float | None,
@@ -700,29 +749,36 @@ def _as_list(text_encoder: Any) -> list[nn.Module]:
 def _check_kwargs(kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - set(NETWORK_KWARGS))
     if unknown:
-        raise ValueError(f"unknown network argument(s) {', '.join(unknown)} for networks.lora; "
+        raise NetworkArgumentError(f"unknown network argument(s) {', '.join(unknown)} for networks.lora; "
                          f"accepted: {', '.join(NETWORK_KWARGS)}")
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
                    text_encoder: nn.Module | Sequence[nn.Module] | None, unet: nn.Module,
-                   neuron_dropout: float | None = None, **kwargs: Any) -> LoRANetwork:
+                   neuron_dropout: float | None = None, clip_skip: int | None = None, **kwargs: Any) -> LoRANetwork:
     """A fresh LoRA network (kohya's signature). ``kwargs`` are ``--network_args`` values, usually strings:
     conv_dim, conv_alpha, rank_dropout, module_dropout, block_dims, block_alphas, conv_block_dims,
-    conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold, loraplus_*lr_ratio."""
+    conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold, loraplus_*lr_ratio.
+
+    ``clip_skip`` (the training run's) decides which text-encoder layers reach the loss and get modules.
+    """
     _check_kwargs(kwargs)
     network_dim = DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
+    if network_dim < 1:
+        raise NetworkArgumentError(f"network_dim (the LoRA rank) must be at least 1, got {network_dim}")
     network_alpha = DEFAULT_NETWORK_ALPHA if network_alpha is None else float(network_alpha)
     conv_dim = _opt_int(kwargs.get("conv_dim"))
     conv_alpha = _opt_float(kwargs.get("conv_alpha"))
     if conv_dim is not None and conv_alpha is None:
         conv_alpha = DEFAULT_CONV_ALPHA
-    blocks = _block_settings(kwargs, is_sdxl_unet(unet), network_dim, network_alpha, conv_dim, conv_alpha)
+    sdxl = unet is not None and is_sdxl_unet(unet)
+    blocks = _block_settings(kwargs, sdxl, network_dim, network_alpha, conv_dim, conv_alpha)
+    text_encoders = _as_list(text_encoder)
     return LoRANetwork(
-        _as_list(text_encoder), unet, multiplier, network_dim, network_alpha, dropout=_opt_float(neuron_dropout),
+        text_encoders, unet, multiplier, network_dim, network_alpha, dropout=_opt_float(neuron_dropout),
         rank_dropout=_opt_float(kwargs.get("rank_dropout")), module_dropout=_opt_float(kwargs.get("module_dropout")),
         conv_lora_dim=conv_dim, conv_alpha=conv_alpha, blocks=blocks, verbose=_flag(kwargs.get("verbose")),
-        **_loraplus_kwargs(kwargs),
+        text_encoder_layers=text_encoder_layers_in_use(text_encoders, sdxl, clip_skip), **_loraplus_kwargs(kwargs),
     )
 
 
@@ -738,13 +794,15 @@ def _loraplus_kwargs(kwargs: dict[str, Any]) -> dict[str, float | None]:
 def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: Any,
                                 text_encoder: nn.Module | Sequence[nn.Module] | None, unet: nn.Module,
                                 weights_sd: dict[str, torch.Tensor] | None = None, for_inference: bool = False,
-                                **kwargs: Any) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+                                clip_skip: int | None = None, **kwargs: Any) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
     """A network shaped like a LoRA file: its modules, ranks (``lora_down.shape[0]``) and alphas (default:
     the rank); LoCon modules come with it. Returns ``(network, weights_sd)`` as kohya does, with the weights
     already loaded and ``weights_sd`` renamed to our names (diffusers-named SDXL keys become SAI names).
 
     Dims in ``kwargs`` are not used (the file decides: kohya's ``--dim_from_weights``); dropouts
-    (``neuron_dropout`` as in ``create_network``), block LR weights and LoRA+ ratios apply.
+    (``neuron_dropout`` as in ``create_network``), block LR weights and LoRA+ ratios apply. For training
+    (not ``for_inference``) the file's modules on text-encoder layers that cannot reach the loss under
+    ``clip_skip`` are left out, as `create_network` does; for inference (merging, extracting) every module is kept.
     """
     neuron_dropout = kwargs.pop("neuron_dropout", None)
     _check_kwargs(kwargs)
@@ -765,12 +823,14 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     missing_down = sorted(set(modules_alpha) - set(modules_dim))
     if missing_down:
         raise LoRAWeightsError(f"{file or 'weights'}: {missing_down[0]} has an alpha but no lora_down.weight")
-    lr_weights = _block_lr_weights(kwargs, "sdxl" if is_sdxl_unet(unet) else "sd")
+    sdxl = unet is not None and is_sdxl_unet(unet)
+    lr_weights = _block_lr_weights(kwargs, "sdxl" if sdxl else "sd")
+    layers = None if for_inference else text_encoder_layers_in_use(text_encoders, sdxl, clip_skip)
     network = LoRANetwork(
         text_encoders, unet, multiplier, dropout=_opt_float(neuron_dropout),
         rank_dropout=_opt_float(kwargs.get("rank_dropout")), module_dropout=_opt_float(kwargs.get("module_dropout")),
         blocks=BlockSettings(lr_weights=lr_weights), modules_dim=modules_dim, modules_alpha=modules_alpha,
-        verbose=_flag(kwargs.get("verbose")), **_loraplus_kwargs(kwargs),
+        verbose=_flag(kwargs.get("verbose")), text_encoder_layers=layers, **_loraplus_kwargs(kwargs),
     )
     network.load_state_dict_checked(weights_sd, source=str(file or "weights"))
     if for_inference:
@@ -786,11 +846,18 @@ def _rename(key: str, aliases: dict[str, str]) -> str:
 def load_lora_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a LoRA file: safetensors, or a torch pickle (.pt/.ckpt) read with ``weights_only``."""
     path = Path(file)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
+    if not path.is_file():
+        raise LoRAWeightsError(f"{path} does not exist: pass the path of a LoRA .safetensors file")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any read failure means the same to the user: a broken file
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise LoRAWeightsError(f"{path} could not be read as a LoRA file ({reason}): it is truncated or not a "
+                               "LoRA; download or save it again") from error
 
 
 # --------------------------------------------------------------------------------------------------

@@ -49,18 +49,51 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _script_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _checked(result: subprocess.CompletedProcess, expect_rc: int | None) -> subprocess.CompletedProcess:
+    if expect_rc is not None:
+        assert result.returncode == expect_rc, \
+            f"exit {result.returncode}, expected {expect_rc}\n" + result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def run_script() -> Callable[..., subprocess.CompletedProcess]:
+    """``run(script, args, expect_rc=0)``: ``python script.py ARGS`` from the repository root, as a user types it
+    (one thread); checks the exit code (``expect_rc=None`` checks nothing) and returns the completed process."""
+
+    def run(script: str, args: list[str], expect_rc: int | None = 0, timeout: int = 420,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(ROOT / script), *map(str, args)]
+        result = subprocess.run(command, cwd=ROOT, env={**_script_env(), **(env or {})}, capture_output=True,
+                                text=True, timeout=timeout)
+        return _checked(result, expect_rc)
+
+    return run
+
+
 @pytest.fixture
 def launch_two_cpu_processes() -> Callable[..., subprocess.CompletedProcess]:
-    """``launch(script, args)``: `accelerate launch --multi_gpu --num_processes 2` of a repo script on the CPU
-    (a free port, one thread per process); fails the test with the output tail if the run fails."""
+    """``launch(script, args, expect_rc=0)``: `accelerate launch --multi_gpu --num_processes 2` of a repo script
+    on the CPU (a free port, one thread per process); checks the exit code like ``run_script``."""
 
-    def launch(script: str, args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    def launch(script: str, args: list[str], timeout: int = 420, expect_rc: int | None = 0) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port()), str(ROOT / script), *args]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result
+                   "--main_process_port", str(_free_port()), str(ROOT / script), *map(str, args)]
+        result = subprocess.run(command, cwd=ROOT, env=_script_env(), capture_output=True, text=True, timeout=timeout)
+        return _checked(result, expect_rc)
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-image kohya dataset shared read-only by the user-path tests: ``images/`` with ``.caption`` sidecars
+    and ``meta.json`` (keyed by stem). Tests that change a dataset copy it first."""
+    from tools.make_sample_dataset import make_sample_dataset
+
+    return make_sample_dataset(tmp_path_factory.mktemp("shapes_data") / "shapes", count=6, size=96, seed=0).parent

@@ -31,3 +31,37 @@ def test_quick_start_scripts_exist() -> None:
             assert (ROOT / script).is_file(), script
         for requirements in re.findall(r"-r (\S+)", command):
             assert (ROOT / requirements).is_file(), requirements
+
+
+def test_ci_runs_the_readme_command_in_a_fresh_virtual_environment() -> None:
+    """A package installed by hand on the CI machine must not hide a missing requirement (scipy once did)."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    create = next(i for i, line in enumerate(lines) if re.match(r"python3? -m venv \S*\$\S*", line))
+    activate = next(i for i, line in enumerate(lines) if line.startswith("source ") and line.endswith("/bin/activate\""))
+    command = lines.index(quick_start_commands()[1])
+    assert create < activate < command
+    assert "--system-site-packages" not in lines[create]
+    assert "mktemp -d" in "\n".join(lines[:create])
+
+
+def test_every_imported_package_is_a_requirement() -> None:
+    """Every third-party module the product imports (library, networks, tools, scripts) is installed by
+    requirements.txt or is one of the optional extras imported only when a flag asks for it."""
+    import sys
+
+    declared = {"torch", "accelerate", "diffusers", "transformers", "safetensors", "toml", "cv2", "PIL", "numpy",
+                "tqdm", "tensorboard", "peft", "scipy"}
+    requirements = (ROOT / "requirements.txt").read_text()
+    pip_names = {"cv2": "opencv-python-headless", "PIL": "pillow"}
+    for module in declared:
+        assert f"{pip_names.get(module, module)}==" in requirements, module
+    optional = {"xformers", "bitsandbytes", "deepspeed", "prodigyopt", "lion_pytorch", "dadaptation", "schedulefree",
+                "wandb", "psutil"}
+    imported = set()
+    files = [p for folder in ("library", "networks", "tools") for p in (ROOT / folder).rglob("*.py")]
+    for path in files + list(ROOT.glob("train_*.py")):
+        for match in re.finditer(r"^\s*(?:from ([A-Za-z_]\w*)[\w.]* import|import ([A-Za-z_]\w*))", path.read_text(), flags=re.M):
+            imported.add(match.group(1) or match.group(2))
+    local = {"library", "networks", "tools", "train_network", "train_sdxl", "train_controlnet", "__future__"}
+    third_party = imported - set(sys.stdlib_module_names) - local
+    assert third_party <= declared | optional, sorted(third_party - declared - optional)

@@ -198,7 +198,9 @@ def test_adamw8bit_trains_with_8bit_state(tiny_model_dirs, sample_data, tmp_path
                                         "--optimizer_args", "min_8bit_size=0", "--save_state")) == 0
     with safe_open(str(output / "lora.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
-    optimizer_state = torch.load(output / "lora-state" / "optimizer.bin", weights_only=False)["state"]
+    from library.train_state_io import read_tree
+
+    optimizer_state = read_tree(output / "lora-state", "optimizer")["state"]  # safetensors + JSON, no pickle
     quantized = [state["__bnb_optimizer_quant_state__"] for state in optimizer_state.values()]
     assert quantized and all(q["state1"].dtype == torch.uint8 for q in quantized)
 

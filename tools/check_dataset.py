@@ -4,8 +4,9 @@
     python tools/check_dataset.py --train_data_dir img --reg_data_dir reg --resolution 1024 --enable_bucket
 
 Prints image/repeat/reg counts, the per-bucket histogram (with upscaled images) and the images no bucket
-can take, caption/tag coverage and every problem (missing, corrupt or mis-captioned files), and exits
-with status 1 when there is a problem. The checks are the training start-up's own:
+can take, caption/tag coverage, the start-up warnings (files that are not read as images, images upscaled
+more than 4x, captions longer than --max_token_length) and every problem (missing, corrupt or
+mis-captioned files, images whose data does not decode), and exits with status 1 when there is a problem. The checks are the training start-up's own:
 ``library.records.build_dataset_index``. The core, :func:`check_datasets`, returns a :class:`CheckReport`.
 
 Caches: with --cache_latents_to_disk it also counts the images whose npz is valid / missing / stale (as
@@ -104,6 +105,7 @@ class CheckReport:
     problems: tuple[Problem, ...]
     latent_cache: LatentCacheReport | None = None  # with --cache_latents_to_disk
     cache_problems: tuple[str, ...] = ()  # options the requested caches refuse
+    notices: tuple[str, ...] = ()  # warnings that do not stop training (skipped files, upscales, long captions)
 
     @property
     def ok(self) -> bool:
@@ -131,6 +133,7 @@ class CheckReport:
             lines += [f"  {path}" for path in self.unused_reg_images]
         if self.latent_cache is not None:
             lines.append(self.latent_cache.format())
+        lines += [f"warning: {notice}" for notice in self.notices]
         if self.cache_problems:
             lines.append(f"{len(self.cache_problems)} caching problem(s):")
             lines += [f"  - {problem}" for problem in self.cache_problems]
@@ -181,6 +184,7 @@ def report_from_index(index: DatasetIndex) -> CheckReport:
         dropped=tuple(r.image_path for r in index.dropped),
         coverage=_coverage(list(index.records) + list(index.dropped)),
         problems=index.problems,
+        notices=index.notices,
     )
 
 
@@ -196,13 +200,14 @@ def latent_cache_report(index: DatasetIndex, location: LatentCacheLocation) -> L
 
 def check_datasets(datasets: Sequence[DatasetConfig], min_step: int = 32, verify_images: bool = True, *,
                    disk_latents: LatentCacheLocation | None = None, cache_latents: bool = False,
-                   cache_text: bool = False) -> CheckReport:
+                   cache_text: bool = False, max_token_length: int | None = None) -> CheckReport:
     """The tool's core: build the index exactly as training does and summarise it.
 
     ``disk_latents``: also report the state of the npz files there (implies ``cache_latents``);
     ``cache_latents`` / ``cache_text``: report the options those caches refuse.
     """
-    index = build_dataset_index(datasets, min_step=min_step, verify_images=verify_images)
+    index = build_dataset_index(datasets, min_step=min_step, verify_images=verify_images,
+                                max_token_length=max_token_length)
     report = report_from_index(index)
     cache_latents = cache_latents or disk_latents is not None
     cache_problems = tuple(check_cacheable(index, cache_latents, cache_text, disk_latents))
@@ -247,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     disk_latents = LatentCacheLocation(is_sdxl=is_sdxl) if latent_mode == "disk" else None
     report = check_datasets(datasets, min_step=min_step, verify_images=not args.skip_verify,
                             disk_latents=disk_latents, cache_latents=latent_mode is not None,
-                            cache_text=text_cache_mode(args) is not None)
+                            cache_text=text_cache_mode(args) is not None,
+                            max_token_length=args.max_token_length or 75)
     print(report.format())
     return 0 if report.ok else 1
 

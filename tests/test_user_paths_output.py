@@ -1,0 +1,301 @@
+"""Output folders and files as a user meets them: problems reported at start-up in one line, before the model
+loads, instead of at the first save after all the training; resuming into the run's own folder; full disks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from library import config
+from library.checkpoints import SaveSettings, read_training_state
+from library.output_checks import OutputError, check_outputs, count_model_saves
+
+
+def lora_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--in_json", data / "meta.json",
+            "--train_data_dir", data / "images", "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "64",
+            "--max_bucket_reso", "128", "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3",
+            "--seed", "3", "--max_data_loader_n_workers", "0", "--output_dir", output, "--output_name", "lora",
+            "--max_train_steps", str(steps), *extra]
+
+
+def sdxl_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--in_json", data / "meta.json",
+            "--train_data_dir", data / "images", "--resolution", "64", "--learning_rate", "1e-3", "--seed", "5",
+            "--max_data_loader_n_workers", "0", "--output_dir", output, "--output_name", "model",
+            "--max_train_steps", str(steps), *extra]
+
+
+def controlnet_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data / "images",
+            "--caption_extension", ".caption", "--conditioning_filter", "canny", "--resolution", "64",
+            "--learning_rate", "1e-3", "--seed", "2", "--max_data_loader_n_workers", "0", "--output_dir", output,
+            "--output_name", "cn", "--max_train_steps", str(steps), *extra]
+
+
+@pytest.fixture(scope="module")
+def sdxl_single_file(tiny_model_dirs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from library.models import load_model, save_single_file
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors"
+    save_single_file(load_model(tiny_model_dirs["sdxl"]), path)
+    return path
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `error:` line a user sees, and nothing that looks like a traceback."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def temp_leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if "tmp" in p.name or p.name.endswith(".old")]
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, options: str) -> Iterator[bool]:
+    """A real small (or read-only) filesystem: a tmpfs mount, which needs root; yields whether it mounted."""
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# B3: in-memory caches in an output folder that does not exist yet
+
+
+@pytest.mark.parametrize("script", ["train_network.py", "train_sdxl.py"])
+def test_in_memory_caches_create_a_missing_output_dir(run_script, tiny_model_dirs, shapes_data, tmp_path, script):
+    output = tmp_path / "runs" / "out"  # two levels that do not exist yet
+    caches = ["--cache_latents", "--cache_text_encoder_outputs"]
+    if script == "train_network.py":
+        args = lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2, *caches, "--network_train_unet_only")
+        saved = output / "lora.safetensors"
+    else:
+        args = sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 2, *caches, "--save_model_as", "safetensors")
+        saved = output / "model.safetensors"
+    run_script(script, args)
+    assert saved.is_file()
+    assert not [p for p in output.iterdir() if p.name.startswith(("latents-", "text-"))]  # temp caches removed
+
+
+# --------------------------------------------------------------------------------------------------
+# D9: output problems at start-up
+
+
+def test_output_dir_that_is_a_file_is_one_error_line_before_the_model_loads(run_script, tiny_model_dirs,
+                                                                             shapes_data, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    for output, expected in [(a_file, "is a file, not a folder"), (a_file / "out", f"{a_file} is a file")]:
+        result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2),
+                            expect_rc=1)
+        line = error_line(result)
+        assert f"--output_dir {output}" in line and expected in line
+        assert "model:" not in result.stdout  # stopped before the model loaded and the summary printed
+    assert a_file.read_text() == "not a folder"
+
+
+def test_read_only_output_dir_is_one_error_line(run_script, tiny_model_dirs, shapes_data, tmp_path):
+    read_only = tmp_path / "ro"
+    with tmpfs(read_only, "ro,size=1M") as mounted:
+        if not mounted:  # root ignores permission bits, so without a mount only a non-root user can be tested
+            if os.geteuid() == 0:
+                pytest.skip("cannot mount a read-only tmpfs here, and root writes through mode bits")
+            read_only.chmod(0o555)
+        for output, expected in [(read_only, "is not writable"), (read_only / "out", f"cannot be created in {read_only}")]:
+            result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2),
+                                expect_rc=1)
+            line = error_line(result)
+            assert f"--output_dir {output}" in line and expected in line and "writable" in line
+
+
+def test_an_existing_lora_is_kept_unless_overwrite(run_script, tiny_model_dirs, shapes_data, tmp_path):
+    output = tmp_path / "out"
+    args = lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2)
+    run_script("train_network.py", args)
+    before = fingerprint(output)
+    result = run_script("train_network.py", [*args, "--learning_rate", "1e-2"], expect_rc=1)
+    line = error_line(result)
+    assert f"{output / 'lora.safetensors'} already exists" in line and "--overwrite" in line
+    assert "model:" not in result.stdout
+    assert fingerprint(output) == before  # kohya silently replaced it
+    run_script("train_network.py", [*args, "--learning_rate", "1e-2", "--overwrite"])
+    assert fingerprint(output)["lora.safetensors"] != before["lora.safetensors"]
+    assert not temp_leftovers(output)
+
+
+def test_an_existing_sdxl_folder_stops_at_start_up_and_is_replaced_with_overwrite(run_script, tiny_model_dirs,
+                                                                                   shapes_data, tmp_path):
+    from library.models import load_model
+
+    output = tmp_path / "out"
+    args = sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 1)  # a folder in, a diffusers folder out
+    run_script("train_sdxl.py", args)
+    before = fingerprint(output)
+    line = error_line(run_script("train_sdxl.py", args, expect_rc=1))  # was FileExistsError after training
+    assert f"{output / 'model'} already exists" in line and "--overwrite" in line
+    assert fingerprint(output) == before
+    run_script("train_sdxl.py", [*args, "--learning_rate", "1e-2", "--overwrite"])
+    after = fingerprint(output)
+    assert after.keys() == before.keys() and after != before
+    assert not temp_leftovers(output)
+    load_model(output / "model")
+
+
+def test_output_name_must_be_a_plain_file_name(run_script, tiny_model_dirs, shapes_data, tmp_path):
+    for name in ["../escaped", "sub/lora", ".."]:
+        args = lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 2, "--output_name", name)
+        line = error_line(run_script("train_network.py", args, expect_rc=1))
+        assert f"--output_name {name!r} must be a plain file name" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escaped.safetensors").exists()
+
+
+def test_start_up_check_names_every_save_of_the_run(tmp_path):
+    """Step saves follow --max_train_steps; epoch saves, whose count needs the data, are matched by name."""
+    import train_network
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "other.safetensors").write_bytes(b"")  # another run's file is no conflict
+    (output / "lora-step00000004.safetensors").write_bytes(b"")  # never written by a 4-step run
+    parser = train_network.build_parser()
+
+    def problem(*flags: str) -> str:
+        args = config.parse_args(parser, ["--output_dir", str(output), "--output_name", "lora", *flags])
+        with pytest.raises(OutputError) as raised:
+            check_outputs(args)
+        return str(raised.value)
+
+    args = config.parse_args(parser, ["--output_dir", str(output), "--output_name", "lora", "--max_train_steps", "4",
+                                      "--save_every_n_steps", "2"])
+    check_outputs(args)
+    (output / "lora-step00000002.safetensors").write_bytes(b"")
+    assert "lora-step00000002.safetensors already exists" in problem("--max_train_steps", "4", "--save_every_n_steps", "2")
+    (output / "lora-000003-state").mkdir()
+    assert "lora-000003-state already exists" in problem("--max_train_steps", "4", "--save_every_n_epochs", "1",
+                                                         "--save_state")
+    assert count_model_saves(SaveSettings(output, "lora", ".safetensors", every_n_steps=2, last_n_steps=2), 10, 1) == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# D9: a disk that fills during a save
+
+
+def enospc_hook(folder: Path) -> Path:
+    """Without a mount, a full disk is simulated: a sitecustomize makes every safetensors write fail with ENOSPC."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import safetensors, safetensors.torch\n"
+        "def save_file(*args, **kwargs):\n"
+        "    raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+        "message: \"No space left on device\" })')\n"
+        "safetensors.torch.save_file = save_file\n")
+    return folder
+
+
+@pytest.mark.parametrize("script", ["train_network.py", "train_sdxl.py"])
+def test_a_full_disk_warns_at_start_and_fails_a_save_in_one_line(run_script, tiny_model_dirs, shapes_data, tmp_path,
+                                                                 script):
+    disk = tmp_path / "disk"
+    with tmpfs(disk, "size=256M") as mounted:
+        output = disk / "out"
+        if script == "train_network.py":
+            args = lora_args(tiny_model_dirs["sd15"], shapes_data, output, 4, "--save_every_n_steps", "2", "--save_state")
+            first = output / "lora-step00000002-state"
+        else:  # a diffusers folder: kohya left an empty *.tmp-saving folder behind
+            args = sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 4, "--save_every_n_steps", "2", "--save_state")
+            first = output / "model-step00000002-state"
+        run_script(script, args)
+        before = fingerprint(output)
+        env = {}
+        if mounted:  # leave 64 KiB: the probe fits, no model does
+            free = shutil.disk_usage(disk).free
+            with open(disk / "filler", "wb") as handle:
+                for _ in range((free - 64 * 1024) // 2**20):
+                    handle.write(bytes(2**20))
+                handle.write(bytes((free - 64 * 1024) % 2**20))
+        else:
+            env = {"PYTHONPATH": f"{enospc_hook(tmp_path / 'hook')}{os.pathsep}{Path(__file__).parent.parent}"}
+        result = run_script(script, [*args, "--resume", first], expect_rc=1, env=env)
+        line = error_line(result)
+        assert "could not save" in line and "No space left on device" in line and "earlier saves are intact" in line
+        assert f"--resume {first}" in line
+        if mounted:
+            assert "warning:" in result.stdout and "a save may fail with a full disk" in result.stdout
+        assert fingerprint(output) == before  # every earlier file intact
+        assert not temp_leftovers(output)
+        assert read_training_state(first).global_step == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# D10: resuming into the run's own folder
+
+
+@pytest.mark.parametrize("case", ["sdxl_single_file", "sdxl_diffusers", "network", "controlnet"])
+def test_resume_into_the_runs_own_output_dir(run_script, tiny_model_dirs, sdxl_single_file, shapes_data, tmp_path,
+                                             case):
+    output = tmp_path / "out"
+    saving = ("--save_every_n_steps", "2", "--save_state")
+    script, args, name = {
+        "sdxl_single_file": ("train_sdxl.py", sdxl_args(sdxl_single_file, shapes_data, output, 4, *saving), "model"),
+        "sdxl_diffusers": ("train_sdxl.py", sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 4, *saving), "model"),
+        "network": ("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 4, *saving), "lora"),
+        "controlnet": ("train_controlnet.py", controlnet_args(tiny_model_dirs["sd15"], shapes_data, output, 4, *saving),
+                       "cn"),
+    }[case]
+    run_script(script, args)
+    before = fingerprint(output)
+    step2 = output / f"{name}-step00000002-state"
+    run_script(script, [*args, "--resume", step2])  # after a crash: the same command plus --resume
+    after = fingerprint(output)
+    assert after.keys() == before.keys()
+    unchanged = {k for k in before if before[k] == after[k]}
+    assert all(k.startswith(f"{name}-step00000002") for k in unchanged)  # the final output and state rewritten
+    assert read_training_state(output / f"{name}-state").global_step == 4
+    assert not temp_leftovers(output)
+
+
+# --------------------------------------------------------------------------------------------------
+# D12: errors while saving are one line
+
+
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   FileExistsError(errno.EEXIST, "File exists")])
+def test_errors_while_saving_are_one_line(tiny_model_dirs, shapes_data, tmp_path, monkeypatch, capsys, error):
+    import train_network
+    from library import safetensors_io
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(safetensors_io, "save_file", refuse)
+    output = tmp_path / "out"
+    assert train_network.main(list(map(str, lora_args(tiny_model_dirs["sd15"], shapes_data, output, 1)))) == 1
+    err = capsys.readouterr().err
+    line = [entry for entry in err.splitlines() if entry.startswith("error:")]
+    assert len(line) == 1 and "Traceback" not in err
+    assert f"could not save {output / 'lora.safetensors'}" in line[0]
+    fix = "--overwrite" if isinstance(error, FileExistsError) else "writable"
+    assert fix in line[0]
+    assert not temp_leftovers(output)
