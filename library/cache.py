@@ -170,7 +170,7 @@ class LatentEncodingError(RuntimeError):
     """The VAE returned NaN/inf latents."""
 
 
-class CacheFileError(RuntimeError):
+class CacheFileError(ValueError):
     """A cache file that cannot be written (read-only dataset folder, full disk) or read back while training
     (deleted or damaged after the start-up check, or trusted with --skip_cache_check); names the file."""
 

@@ -282,8 +282,9 @@ def load_job_pixels(job: LatentJob, flipped: bool) -> torch.Tensor | tuple[torch
     except ImageReadError:
         raise  # names the file already, and is a one-line user error
     except Exception as error:
-        raise ValueError(f"{job.image_path}: cannot prepare the image for latent caching "
-                         f"({type(error).__name__}: {error})") from error
+        raise ImageReadError(f"{job.image_path}: cannot prepare the image for latent caching "
+                             f"({type(error).__name__}: {error}); it may have changed since the start-up check"
+                             ) from error
     return pixels, alpha
 
 

@@ -413,9 +413,10 @@ def color_jitter(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> float32 tensor (3, H, W) in [-1, 1], the range the VAE expects."""
+    """RGB image -> float32 tensor (3, H, W) in [-1, 1], the range the VAE expects (other modes are converted
+    by their meaning, see :func:`to_rgb_and_alpha`)."""
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = to_rgb_and_alpha(image)[0]
     # numpy, not torch ops: torch's intra-op thread pool made this 10x slower in the main process
     # (num_workers=0) on a small machine; the result is identical.
     array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)

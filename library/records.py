@@ -695,12 +695,13 @@ def long_caption_notice(records: Sequence[ImageRecord], max_token_length: int) -
     try:
         from library.clip_tokenizer import build_clip_tokenizer
 
-        tokenizer = build_clip_tokenizer()
+        tokenizer = build_clip_tokenizer(model_max_length=1 << 30)  # no "longer than 77" warning of its own
     except Exception as error:  # open-clip-torch missing: the check is a courtesy, not a requirement
         logger.debug("caption length check skipped: %s", error)
         return None
     prompts = {_full_prompt(record): record.image_path for record in records}
-    texts = [text for text in prompts if text]
+    # Every CLIP token holds at least one non-space character: shorter prompts cannot be too long.
+    texts = [text for text in prompts if len("".join(text.split())) > max_token_length]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     long = [(length, text) for length, text in zip(lengths, texts) if length > max_token_length]
     if not long:

@@ -6,8 +6,9 @@
 Prints image/repeat/reg counts, the per-bucket histogram (with upscaled images) and the images no bucket
 can take, caption/tag coverage, the start-up warnings (files that are not read as images, images upscaled
 more than 4x, captions longer than --max_token_length) and every problem (missing, corrupt or
-mis-captioned files, images whose data does not decode), and exits with status 1 when there is a problem. The checks are the training start-up's own:
-``library.records.build_dataset_index``. The core, :func:`check_datasets`, returns a :class:`CheckReport`.
+mis-captioned files, images whose data does not decode), and exits with status 1 when there is a problem.
+The checks are the training start-up's own: ``library.records.build_dataset_index``. The core,
+:func:`check_datasets`, returns a :class:`CheckReport`.
 
 Caches: with --cache_latents_to_disk it also counts the images whose npz is valid / missing / stale (as
 training judges them: same bucket and crop, image unchanged) and lists the stale ones with the reason;
