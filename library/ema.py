@@ -169,8 +169,9 @@ class ExponentialMovingAverage:
     """fp32 shadow copies of the trainable parameters, updated from the live parameters by `maybe_update`.
 
     It holds references to the live parameters (DDP and `accelerator.prepare` keep the same Parameter
-    objects, so build it before or after `prepare`, either works). Register it with
-    `accelerator.register_for_checkpointing(ema)` so `--save_state`/`--resume` save and restore it.
+    objects, so build it before or after `prepare`, either works). Pass it to `script_flow.run_training(...,
+    register_for_checkpointing=(ema,))` so `--save_state`/`--resume` save and restore it: its state dict holds
+    only tensors, ints and strings, written as safetensors + JSON by `library.train_state_io` (never pickled).
     Names are stored without `module.`/`_orig_mod.` prefixes, so a state saved from a wrapped model loads
     into an unwrapped one and vice versa.
     """

@@ -39,7 +39,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from library.checkpoints import StateError
 
     return (OutputError, DatasetConfigError, DatasetProblems, NotCacheableError, ModelLoadError, SamplePromptError,
-            LatentEncodingError, TrainingStopped, FileNotFoundError, StartupCheckError, StateError, *_network_errors(), *_data_errors())
+            LatentEncodingError, TrainingStopped, FileNotFoundError, StartupCheckError, StateError,
+            *_network_errors(), *_data_errors())
 
 
 def _data_errors() -> tuple[type[BaseException], ...]:

@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import struct
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +224,9 @@ def check_deepspeed_pickles(folder: Path) -> None:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
                 torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any failure means we cannot vouch for the file
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else
+                          type(error).__name__)
             raise StateError(f"--resume {folder}: {path.relative_to(folder)} is a pickle that the weights-only "
                              f"unpickler refuses ({reason[:200]}); it could run code: resume from a state you "
                              "saved yourself") from None
@@ -234,12 +235,14 @@ def check_deepspeed_pickles(folder: Path) -> None:
 def _deepspeed_safe_globals() -> list[Any]:
     """What DeepSpeed's checkpoints hold besides tensors and containers: numpy scalars/arrays and its enums."""
     numpy_core = getattr(np, "_core", None) or np.core
-    allowed: list[Any] = [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("float32")), type(np.dtype("int64")), argparse.Namespace]
-    try:
+    allowed: list[Any] = [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("float32")),
+                          type(np.dtype("int64"))]
+    try:  # plain-data classes: the unpickler only sets their attributes, it calls no code of theirs
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
 
-        allowed += [ZeroStageEnum, fragment_address]
+        allowed += [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
     except ImportError:
         pass
     return allowed
@@ -329,7 +332,8 @@ SCHEDULE_SETTINGS = ("learning_rate", "unet_lr", "text_encoder_lr", "learning_ra
                      "lr_scheduler_args", "max_train_steps", "max_train_epochs")
 # not settings of the run, or where it is written
 MODEL_FAMILY = "model_family"
-_NOT_COMPARED = {MODEL_FAMILY, "resume", "resume_ignore_changes", "output_dir", "output_name", "config_file", "output_config",
+_NOT_COMPARED = {MODEL_FAMILY, "resume", "resume_ignore_changes", "output_dir", "output_name", "config_file",
+                 "output_config",
                  "logging_dir", "log_prefix", "log_tracker_name", "overwrite"}
 _PATH_SETTINGS = {"pretrained_model_name_or_path", "vae", "controlnet_model_name_or_path", "train_data_dir",
                   "in_json", "dataset_config", "reg_data_dir", "conditioning_data_dir"}

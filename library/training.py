@@ -307,6 +307,7 @@ def train(run: TrainingRun) -> TrainState:
             with accelerator.accumulate(*run.prepared.models.values()):
                 loss = _loss_for_batch(run, batch, global_step, micro_step)
                 if not _all_finite(accelerator, loss):
+                    progress.close()  # the error line then starts a line of its own
                     _stop_on_nan(run, global_step, epoch, batches_done)
                 run.prepared.backward(loss)
                 run.prepared.clip_grad_norm(run.max_grad_norm)

@@ -46,12 +46,12 @@ def test_trained_lora_loads_in_diffusers_and_changes_the_unet(tiny_model_dirs, s
     te_prefix = "lora_te1_" if family == "sdxl" else "lora_te_"
     assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith(te_prefix) for k in tensors)
     assert all(torch.isfinite(v).all() for v in tensors.values())
-    # up weights start at zero, so every module that took part in a forward pass has moved; SDXL never uses
-    # text encoder 1's last layer (it conditions on the penultimate one), so that layer's modules cannot learn.
-    unused = "lora_te1_text_model_encoder_layers_2_" if family == "sdxl" else None
+    # up weights start at zero, so every module that took part in a forward pass has moved; no module is made
+    # on a layer the loss never sees (SDXL conditions on text encoder 1's penultimate layer), so none is left.
     still_zero = sorted(k for k, v in tensors.items() if k.endswith("lora_up.weight") and v.abs().sum() == 0)
-    assert all(unused and k.startswith(unused) for k in still_zero), still_zero
-    assert len(still_zero) == (6 if family == "sdxl" else 0)
+    assert not still_zero, still_zero
+    if family == "sdxl":
+        assert not any(k.startswith("lora_te1_text_model_encoder_layers_2_") for k in tensors)
     with safe_open(str(lora), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
