@@ -218,7 +218,7 @@ def _safetensors_shapes(path: Path) -> dict[str, "_ShapeOnly"]:
     except Exception as error:  # noqa: BLE001 - a broken header: the user needs the file name and the fix
         reason = " ".join(str(error).split())
         raise ModelLoadError(f"{path} could not be read as a safetensors file ({reason}): it is truncated or not a "
-                             "model; download it again or pass another --pretrained_model_name_or_path") from error
+                             "model file; download it again or pass another model") from error
 
 
 class _ShapeOnly:

@@ -670,7 +670,7 @@ class LoRANetwork(nn.Module):
         """Load ``weights_sd``; keys of modules this network left out on purpose (text-encoder layers that
         cannot change the output, as kohya's files have) are skipped, any other unknown key is an error."""
         own = self.state_dict()
-        skipped = [k for k in weights_sd if k not in own and k.partition(".")[0] in self.left_out]
+        skipped = {k for k in weights_sd if k not in own and k.partition(".")[0] in self.left_out}
         if skipped:
             logger.info("LoRA: %s: skipped %d tensors of text-encoder layers that do not reach the output",
                         source, len(skipped))

@@ -179,6 +179,16 @@ def file_keys(path: Path) -> set[str]:
         return set(handle.keys())
 
 
+def component_keys(folder: Path) -> set[str]:
+    """Tensor names of one component folder, whichever format it was saved in (safetensors or pickle)."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    assert files, f"no weights in {folder}"
+    keys: set[str] = set()
+    for file in files:
+        keys |= file_keys(file) if file.suffix == ".safetensors" else set(torch.load(str(file), weights_only=True))
+    return keys
+
+
 def assert_standard_folder(folder: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -186,16 +196,16 @@ def assert_standard_folder(folder: Path) -> None:
     for name, with_projection in (("text_encoder", False), ("text_encoder_2", True)):
         if name in index:
             config = json.loads((folder / name / "config.json").read_text())
-            assert file_keys(folder / name / "model.safetensors") == clip_text_keys(config, with_projection), name
+            assert component_keys(folder / name) == clip_text_keys(config, with_projection), name
     for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
-        keys = file_keys(folder / name / "diffusion_pytorch_model.safetensors")
+        keys = component_keys(folder / name)
         config = {k: v for k, v in json.loads((folder / name / "config.json").read_text()).items() if not k.startswith("_")}
         with torch.device("meta"):
             assert keys == set(cls(**config).state_dict()), name
-    unet = file_keys(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    unet = component_keys(folder / "unet")
     assert {"conv_in.weight", "time_embedding.linear_1.weight",
             "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"} <= unet
-    vae = file_keys(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    vae = component_keys(folder / "vae")
     assert {"encoder.mid_block.attentions.0.to_q.weight", "decoder.up_blocks.0.resnets.0.conv1.weight"} <= vae
 
 
@@ -208,6 +218,16 @@ def test_make_tiny_model_writes_standard_key_names(tmp_path, run_script):
 def test_convert_model_to_a_folder_writes_standard_key_names(single_files, tmp_path, run_script):
     run_script("tools/convert_model.py", ["--input", single_files["sdxl"], "--output", tmp_path / "sdxl"])
     assert_standard_folder(tmp_path / "sdxl")
+
+
+def test_train_sdxl_saved_as_diffusers_has_standard_key_names(tiny_model_dirs, shapes_data, tmp_path, run_script):
+    output = tmp_path / "out"
+    run_script("train_sdxl.py", ["--pretrained_model_name_or_path", tiny_model_dirs["sdxl"],
+                                 "--in_json", shapes_data / "meta.json", "--train_data_dir", shapes_data / "images",
+                                 "--resolution", "64", "--learning_rate", "1e-3", "--seed", "5",
+                                 "--max_data_loader_n_workers", "0", "--output_dir", output, "--output_name", "model",
+                                 "--max_train_steps", "1", "--train_text_encoder", "--save_model_as", "diffusers"])
+    assert_standard_folder(output / "model")
 
 
 def test_controlnet_folder_has_standard_key_names(tiny_model_dirs, tmp_path):
@@ -267,7 +287,7 @@ def _lora_file(model_dir: Path, path: Path, dim: int) -> Path:
 
 
 def test_truncated_model_file_is_one_error_line(single_files, shapes_data, tmp_path, run_script):
-    broken = _truncated(single_files["sd15"], tmp_path / "sd15_cut.safetensors", keep=0.0005)
+    broken = _truncated(single_files["sd15"], tmp_path / "sd15_cut.safetensors")  # an interrupted download
     result = run_script("train_network.py", train_args(broken, shapes_data, tmp_path / "out", 1), expect_rc=None)
     assert_one_error_line(result, str(broken), "truncated")
 
