@@ -50,6 +50,8 @@ class PlannedOutput:
 def check_outputs(args: argparse.Namespace, resume_state: TrainState | None = None) -> None:
     """Every output check that needs no model: raise OutputError for the first problem found."""
     check_output_name(args.output_name)
+    if not args.output_dir:
+        return  # the scripts require it with their own message
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir)
     if getattr(args, "overwrite", False) or not output_dir.is_dir():
