@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import train_network
 from library.checkpoints import read_training_state
+from tests.helpers.user_paths import lora_args
 from tools.make_sample_dataset import make_sample_dataset
 
 
@@ -22,14 +23,6 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_sample_dataset(tmp_path_factory.mktemp("data") / "shapes", count=6, size=96, seed=0).parent
 
 
-def base_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--in_json", str(data / "meta.json"),
-            "--train_data_dir", str(data / "images"), "--resolution", "64", "--enable_bucket",
-            "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--network_dim", "4", "--network_alpha", "2",
-            "--learning_rate", "1e-3", "--seed", "3", "--max_data_loader_n_workers", "0",
-            "--output_dir", str(output), "--output_name", "lora", "--max_train_steps", str(steps), *extra]
-
-
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
@@ -37,7 +30,7 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
 def test_trained_lora_loads_in_diffusers_and_changes_the_unet(tiny_model_dirs, sample_data, tmp_path, family, capsys):
     output = tmp_path / "out"
-    assert train_network.main(base_args(tiny_model_dirs[family], sample_data, output, 3)) == 0
+    assert train_network.main(lora_args(tiny_model_dirs[family], sample_data, output, 3)) == 0
     printed = capsys.readouterr().out
     assert "global batch: 1 per device x 1 accumulation x 1 process(es) = 1" in printed
     assert "optimizer steps: 6 per epoch, 3 in total over 1 epoch(s)" in printed
@@ -78,15 +71,15 @@ def test_resume_twice_gives_the_same_weights_as_one_run(tiny_model_dirs, sample_
     """6 steps straight == 2 steps, resume to 4, resume to 6 (with dropout and accumulation on)."""
     extra = ("--network_dropout", "0.2", "--gradient_accumulation_steps", "2", "--save_every_n_steps", "2")
     model = tiny_model_dirs["sd15"]
-    assert train_network.main(base_args(model, sample_data, tmp_path / "straight", 6, *extra)) == 0
-    assert train_network.main(base_args(model, sample_data, tmp_path / "first", 6, *extra, "--save_state")) == 0
+    assert train_network.main(lora_args(model, sample_data, tmp_path / "straight", 6, *extra)) == 0
+    assert train_network.main(lora_args(model, sample_data, tmp_path / "first", 6, *extra, "--save_state")) == 0
     step2 = tmp_path / "first" / "lora-step00000002-state"
     assert read_training_state(step2).global_step == 2
-    assert train_network.main(base_args(model, sample_data, tmp_path / "second", 6, *extra, "--save_state",
+    assert train_network.main(lora_args(model, sample_data, tmp_path / "second", 6, *extra, "--save_state",
                                         "--resume", str(step2))) == 0
     step4 = tmp_path / "second" / "lora-step00000004-state"
     assert read_training_state(step4).global_step == 4
-    assert train_network.main(base_args(model, sample_data, tmp_path / "third", 6, *extra,
+    assert train_network.main(lora_args(model, sample_data, tmp_path / "third", 6, *extra,
                                         "--resume", str(step4))) == 0
     straight = lora_tensors(tmp_path / "straight" / "lora.safetensors")
     resumed = lora_tensors(tmp_path / "third" / "lora.safetensors")
@@ -101,7 +94,7 @@ def test_samples_and_tensorboard_logs(tiny_model_dirs, sample_data, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --w 64 --h 64 --s 2 --d 5\n# a comment\na blue square --n blurry --s 2\n")
     output = tmp_path / "out"
-    args = base_args(tiny_model_dirs["sdxl"], sample_data, output, 4, "--sample_prompts", str(prompts),
+    args = lora_args(tiny_model_dirs["sdxl"], sample_data, output, 4, "--sample_prompts", str(prompts),
                      "--sample_every_n_steps", "2", "--sample_at_first", "--logging_dir", str(tmp_path / "logs"),
                      "--max_token_length", "150", "--save_every_n_steps", "1", "--save_last_n_steps", "1")
     assert train_network.main(args) == 0
@@ -124,7 +117,7 @@ def test_samples_and_tensorboard_logs(tiny_model_dirs, sample_data, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_model_dirs, sample_data, tmp_path, capsys):
     output = tmp_path / "out"
-    args = base_args(tiny_model_dirs["sd15"], sample_data, output, 6, "--learning_rate", "1e35", "--optimizer_type",
+    args = lora_args(tiny_model_dirs["sd15"], sample_data, output, 6, "--learning_rate", "1e35", "--optimizer_type",
                      "SGDNesterov", "--max_grad_norm", "0")
     assert train_network.main(args) == 1
     err = capsys.readouterr().err
@@ -143,7 +136,7 @@ def test_dataset_problems_are_reported_before_the_model_is_loaded(sample_data, t
     (broken / "images").mkdir(parents=True)
     (broken / "images" / "bad.png").write_bytes(b"not a png")
     (broken / "meta.json").write_text(json.dumps({"bad": {"caption": "x"}, "missing": {"caption": "y"}}))
-    args = base_args(tmp_path / "no_such_model", broken, tmp_path / "out", 1)
+    args = lora_args(tmp_path / "no_such_model", broken, tmp_path / "out", 1)
     assert train_network.main(args) == 1
     err = capsys.readouterr().err
     assert "bad.png" in err and "missing" in err
@@ -154,7 +147,7 @@ def test_dataset_problems_are_reported_before_the_model_is_loaded(sample_data, t
 def test_deepspeed_zero2_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path, launch_two_cpu_processes):
     output = tmp_path / "out"
     result = launch_two_cpu_processes(
-        "train_network.py", base_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--deepspeed", "--zero_stage", "2"))
+        "train_network.py", lora_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--deepspeed", "--zero_stage", "2"))
     assert "x 2 process(es) = 2" in result.stdout
     tensors = lora_tensors(output / "lora.safetensors")
     ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
@@ -181,7 +174,7 @@ def test_validation_loss_is_fixed_noise_on_held_out_images(tiny_model_dirs, samp
         return first
 
     monkeypatch.setattr(validation, "validation_loss", evaluated_twice)
-    args = base_args(tiny_model_dirs["sd15"], sample_data, tmp_path / "out", 4, "--validation_split", "0.34",
+    args = lora_args(tiny_model_dirs["sd15"], sample_data, tmp_path / "out", 4, "--validation_split", "0.34",
                      "--validate_every_n_steps", "2", "--logging_dir", str(tmp_path / "logs"), "--learning_rate", "1e-2")
     assert train_network.main(args) == 0
     assert "images: 4 train + 0 regularisation" in capsys.readouterr().out  # 6 images, ceil(6 * 0.66) train
@@ -194,7 +187,7 @@ def test_validation_loss_is_fixed_noise_on_held_out_images(tiny_model_dirs, samp
 def test_adamw8bit_trains_with_8bit_state(tiny_model_dirs, sample_data, tmp_path):
     output = tmp_path / "out"
     # bitsandbytes keeps fp32 state for tensors under min_8bit_size (4096); every tiny LoRA tensor is smaller
-    assert train_network.main(base_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--optimizer_type", "AdamW8bit",
+    assert train_network.main(lora_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--optimizer_type", "AdamW8bit",
                                         "--optimizer_args", "min_8bit_size=0", "--save_state")) == 0
     with safe_open(str(output / "lora.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
@@ -226,8 +219,8 @@ def test_torch_compile_trains_the_same_lora(minimal_unet_model, sample_data, tmp
     """dynamo captures the LoRA-wrapped UNet; aot_eager keeps the test fast (a cold inductor compile of even this
     UNet takes minutes on 2 cores) while exercising the same capture, wrapping and unwrapping for saving."""
     extra = ("--network_train_unet_only",)
-    assert train_network.main(base_args(minimal_unet_model, sample_data, tmp_path / "eager", 2, *extra)) == 0
-    assert train_network.main(base_args(minimal_unet_model, sample_data, tmp_path / "compiled", 2, *extra,
+    assert train_network.main(lora_args(minimal_unet_model, sample_data, tmp_path / "eager", 2, *extra)) == 0
+    assert train_network.main(lora_args(minimal_unet_model, sample_data, tmp_path / "compiled", 2, *extra,
                                         "--torch_compile", "--dynamo_backend", "aot_eager")) == 0
     eager = lora_tensors(tmp_path / "eager" / "lora.safetensors")
     compiled = lora_tensors(tmp_path / "compiled" / "lora.safetensors")
@@ -237,7 +230,7 @@ def test_torch_compile_trains_the_same_lora(minimal_unet_model, sample_data, tmp
 
 
 def test_masked_loss_without_masks_is_refused_at_start(tiny_model_dirs, sample_data, tmp_path, capsys):
-    assert train_network.main(base_args(tiny_model_dirs["sd15"], sample_data, tmp_path / "out", 2, "--masked_loss")) == 1
+    assert train_network.main(lora_args(tiny_model_dirs["sd15"], sample_data, tmp_path / "out", 2, "--masked_loss")) == 1
     assert "add --alpha_mask" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -255,7 +248,7 @@ def test_masked_loss_trains_on_alpha_masks(tiny_model_dirs, tmp_path):
         meta[f"m{index}"] = {"caption": "a red square"}
     (data / "meta.json").write_text(json.dumps(meta))
     output = tmp_path / "out"
-    assert train_network.main(base_args(tiny_model_dirs["sd15"], data, output, 2, "--alpha_mask", "--masked_loss")) == 0
+    assert train_network.main(lora_args(tiny_model_dirs["sd15"], data, output, 2, "--alpha_mask", "--masked_loss")) == 0
     tensors = lora_tensors(output / "lora.safetensors")
     assert all(torch.isfinite(v).all() for v in tensors.values())
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
@@ -263,7 +256,7 @@ def test_masked_loss_trains_on_alpha_masks(tiny_model_dirs, tmp_path):
 
 def test_bf16_mixed_precision_with_bf16_network_and_gradient_checkpointing(tiny_model_dirs, sample_data, tmp_path):
     output = tmp_path / "out"
-    assert train_network.main(base_args(tiny_model_dirs["sdxl"], sample_data, output, 2, "--mixed_precision", "bf16",
+    assert train_network.main(lora_args(tiny_model_dirs["sdxl"], sample_data, output, 2, "--mixed_precision", "bf16",
                                         "--full_bf16", "--save_precision", "bf16", "--gradient_checkpointing")) == 0
     tensors = lora_tensors(output / "lora.safetensors")
     assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
@@ -272,7 +265,7 @@ def test_bf16_mixed_precision_with_bf16_network_and_gradient_checkpointing(tiny_
 
 def test_ddp_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path, launch_two_cpu_processes):
     output = tmp_path / "out"
-    result = launch_two_cpu_processes("train_network.py", base_args(tiny_model_dirs["sd15"], sample_data, output, 2))
+    result = launch_two_cpu_processes("train_network.py", lora_args(tiny_model_dirs["sd15"], sample_data, output, 2))
     # 6 images over 2 ranks: 3 batches each, so 3 optimizer steps per epoch with a global batch of 2
     assert "x 2 process(es) = 2" in result.stdout and "optimizer steps: 3 per epoch" in result.stdout
     assert (output / "lora.safetensors").is_file()
@@ -297,7 +290,7 @@ def test_schedule_free_optimizer_switches_to_eval_for_samples_and_saves(tiny_mod
     prompts = tmp_path / "p.txt"
     prompts.write_text("a circle --w 64 --h 64 --s 1\n")
     output = tmp_path / "out"
-    assert train_network.main(base_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--optimizer_type",
+    assert train_network.main(lora_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--optimizer_type",
                                         "AdamWScheduleFree", "--sample_prompts", str(prompts),
                                         "--sample_every_n_steps", "2")) == 0
     assert modes == [{False}]  # sampled with the averaged (eval-mode) weights

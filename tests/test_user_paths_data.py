@@ -23,6 +23,7 @@ from library.dataset_config import DatasetConfig, SubsetConfig
 from library.datasets import TrainingDataset
 from library.images import load_image, to_tensor, verify_image
 from library.records import build_dataset_index
+from tests.helpers.user_paths import assert_one_error_line
 
 
 @pytest.fixture(autouse=True)
@@ -43,16 +44,6 @@ def lora_args(model: Path, output: Path, steps: int, *data: str) -> list[str]:
 def copy_dataset(shapes_data: Path, target: Path) -> Path:
     shutil.copytree(shapes_data, target)
     return target
-
-
-def assert_one_error_line(result, *needles: str) -> None:
-    """D12: the user sees one ``error:`` line that names what to fix, never a traceback."""
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors, result.stderr[-3000:]
-    text = result.stderr[result.stderr.index("error:"):]
-    for needle in needles:
-        assert needle in text, text
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,27 +23,9 @@ from library.run_setup import peek_family
 from library.text_encoding import PromptEncoder
 from library.tiny_models import build_tiny_model
 from networks.lora import LoRANetwork, create_network
+from tests.helpers.user_paths import assert_one_error_line, lora_args
 
 FAMILY_NAMES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
-
-
-def train_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--in_json", str(data / "meta.json"),
-            "--train_data_dir", str(data / "images"), "--resolution", "64", "--enable_bucket",
-            "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--network_dim", "4", "--network_alpha", "2",
-            "--learning_rate", "1e-3", "--seed", "3", "--max_data_loader_n_workers", "0",
-            "--output_dir", str(output), "--output_name", "lora", "--max_train_steps", str(steps), *extra]
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
-    """A failed run that says what is wrong in exactly one ``error:`` line naming ``needles``, no traceback."""
-    assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,7 +96,7 @@ def test_a_lora_with_modules_on_unused_layers_still_loads(tmp_path):
 def test_sdxl_lora_with_text_encoder_trains_on_two_processes(tiny_model_dirs, shapes_data, tmp_path,
                                                              launch_two_cpu_processes):
     output = tmp_path / "out"
-    launch_two_cpu_processes("train_network.py", train_args(tiny_model_dirs["sdxl"], shapes_data, output, 3))
+    launch_two_cpu_processes("train_network.py", lora_args(tiny_model_dirs["sdxl"], shapes_data, output, 3))
     tensors = load_file(str(output / "lora.safetensors"))
     assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_te2_") for k in tensors)
     still_zero = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and v.abs().sum() == 0]
@@ -152,7 +133,7 @@ def test_start_up_and_loading_see_the_same_family(tiny_model_dirs, single_files,
 def test_sd15_folder_is_planned_with_the_sd_bucket_step(tiny_model_dirs, shapes_data, tmp_path, run_script):
     """SD1's UNet needs bucket sides in multiples of 64; start-up used to take the SDXL step (32) for any
     folder without --v2, and trained an SD1.5 model on 32-pixel bucket steps."""
-    result = run_script("train_network.py", train_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
+    result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
                                                        "--bucket_reso_steps", "32"), expect_rc=None)
     assert result.returncode != 0, result.stdout[-2000:]
     assert "bucket_reso_steps must be a positive multiple of 64 for this model, got 32" in result.stderr
@@ -288,41 +269,41 @@ def _lora_file(model_dir: Path, path: Path, dim: int) -> Path:
 
 def test_truncated_model_file_is_one_error_line(single_files, shapes_data, tmp_path, run_script):
     broken = _truncated(single_files["sd15"], tmp_path / "sd15_cut.safetensors")  # an interrupted download
-    result = run_script("train_network.py", train_args(broken, shapes_data, tmp_path / "out", 1), expect_rc=None)
+    result = run_script("train_network.py", lora_args(broken, shapes_data, tmp_path / "out", 1), expect_rc=None)
     assert_one_error_line(result, str(broken), "truncated")
 
 
 def test_model_path_that_is_no_safetensors_file_is_one_error_line(shapes_data, tmp_path, run_script):
     fake = tmp_path / "model.safetensors"
     fake.write_text("<html>403 Forbidden</html>")
-    result = run_script("train_network.py", train_args(fake, shapes_data, tmp_path / "out", 1), expect_rc=None)
+    result = run_script("train_network.py", lora_args(fake, shapes_data, tmp_path / "out", 1), expect_rc=None)
     assert_one_error_line(result, str(fake), "safetensors")
 
 
 def test_truncated_network_weights_are_one_error_line(tiny_model_dirs, shapes_data, tmp_path, run_script):
     lora = _truncated(_lora_file(tiny_model_dirs["sd15"], tmp_path / "full.safetensors", 4), tmp_path / "cut.safetensors")
-    result = run_script("train_network.py", train_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
+    result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
                                                        "--network_weights", lora), expect_rc=None)
     assert_one_error_line(result, str(lora), "truncated")
 
 
 def test_lora_for_another_family_is_one_error_line(tiny_model_dirs, shapes_data, tmp_path, run_script):
     lora = _lora_file(tiny_model_dirs["sdxl"], tmp_path / "sdxl_lora.safetensors", 4)
-    result = run_script("train_network.py", train_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
+    result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
                                                        "--network_weights", lora), expect_rc=None)
     assert_one_error_line(result, str(lora), "another model family")
 
 
 def test_lora_of_another_rank_is_one_error_line(tiny_model_dirs, shapes_data, tmp_path, run_script):
     lora = _lora_file(tiny_model_dirs["sd15"], tmp_path / "rank8.safetensors", 8)
-    result = run_script("train_network.py", train_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
+    result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
                                                        "--network_weights", lora), expect_rc=None)
     assert_one_error_line(result, str(lora), "--network_dim")
 
 
 def test_network_dim_zero_is_refused_before_the_model_loads(shapes_data, tmp_path, run_script):
     missing_model = tmp_path / "not_downloaded_yet.safetensors"
-    result = run_script("train_network.py", train_args(missing_model, shapes_data, tmp_path / "out", 1,
+    result = run_script("train_network.py", lora_args(missing_model, shapes_data, tmp_path / "out", 1,
                                                        "--network_dim", "0"), expect_rc=None)
     line = assert_one_error_line(result, "--network_dim must be at least 1")
     assert "not_downloaded_yet" not in result.stderr, line

@@ -16,14 +16,7 @@ import pytest
 
 from library import config
 from library.checkpoints import SaveSettings, read_training_state
-
-
-def lora_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", model, "--in_json", data / "meta.json",
-            "--train_data_dir", data / "images", "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "64",
-            "--max_bucket_reso", "128", "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3",
-            "--seed", "3", "--max_data_loader_n_workers", "0", "--output_dir", output, "--output_name", "lora",
-            "--max_train_steps", str(steps), *extra]
+from tests.helpers.user_paths import assert_one_error_line, lora_args
 
 
 def sdxl_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
@@ -47,14 +40,6 @@ def sdxl_single_file(tiny_model_dirs, tmp_path_factory: pytest.TempPathFactory) 
     path = tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors"
     save_single_file(load_model(tiny_model_dirs["sdxl"]), path)
     return path
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The one `error:` line a user sees, and nothing that looks like a traceback."""
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-3000:]
-    return lines[0]
 
 
 def fingerprint(folder: Path) -> dict[str, str]:
@@ -113,7 +98,7 @@ def test_output_dir_that_is_a_file_is_one_error_line_before_the_model_loads(run_
     for output, expected in [(a_file, "is a file, not a folder"), (a_file / "out", f"{a_file} is a file")]:
         result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2),
                             expect_rc=1)
-        line = error_line(result)
+        line = assert_one_error_line(result)
         assert f"--output_dir {output}" in line and expected in line
         assert "model:" not in result.stdout  # stopped before the model loaded and the summary printed
     assert a_file.read_text() == "not a folder"
@@ -129,7 +114,7 @@ def test_read_only_output_dir_is_one_error_line(run_script, tiny_model_dirs, sha
         for output, expected in [(read_only, "is not writable"), (read_only / "out", f"cannot be created in {read_only}")]:
             result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2),
                                 expect_rc=1)
-            line = error_line(result)
+            line = assert_one_error_line(result)
             assert f"--output_dir {output}" in line and expected in line and "writable" in line
 
 
@@ -139,7 +124,7 @@ def test_an_existing_lora_is_kept_unless_overwrite(run_script, tiny_model_dirs, 
     run_script("train_network.py", args)
     before = fingerprint(output)
     result = run_script("train_network.py", [*args, "--learning_rate", "1e-2"], expect_rc=1)
-    line = error_line(result)
+    line = assert_one_error_line(result)
     assert f"{output / 'lora.safetensors'} already exists" in line and "--overwrite" in line
     assert "model:" not in result.stdout
     assert fingerprint(output) == before  # kohya silently replaced it
@@ -156,7 +141,7 @@ def test_an_existing_sdxl_folder_stops_at_start_up_and_is_replaced_with_overwrit
     args = sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 1)  # a folder in, a diffusers folder out
     run_script("train_sdxl.py", args)
     before = fingerprint(output)
-    line = error_line(run_script("train_sdxl.py", args, expect_rc=1))  # was FileExistsError after training
+    line = assert_one_error_line(run_script("train_sdxl.py", args, expect_rc=1))  # was FileExistsError after training
     assert f"{output / 'model'} already exists" in line and "--overwrite" in line
     assert fingerprint(output) == before
     run_script("train_sdxl.py", [*args, "--learning_rate", "1e-2", "--overwrite"])
@@ -169,7 +154,7 @@ def test_an_existing_sdxl_folder_stops_at_start_up_and_is_replaced_with_overwrit
 def test_output_name_must_be_a_plain_file_name(run_script, tiny_model_dirs, shapes_data, tmp_path):
     for name in ["../escaped", "sub/lora", ".."]:
         args = lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 2, "--output_name", name)
-        line = error_line(run_script("train_network.py", args, expect_rc=1))
+        line = assert_one_error_line(run_script("train_network.py", args, expect_rc=1))
         assert f"--output_name {name!r} must be a plain file name" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "escaped.safetensors").exists()
 
@@ -242,7 +227,7 @@ def test_a_full_disk_warns_at_start_and_fails_a_save_in_one_line(run_script, tin
         else:
             env = {"PYTHONPATH": f"{enospc_hook(tmp_path / 'hook')}{os.pathsep}{Path(__file__).parent.parent}"}
         result = run_script(script, [*args, "--resume", first], expect_rc=1, env=env)
-        line = error_line(result)
+        line = assert_one_error_line(result)
         assert "could not save" in line and "No space left on device" in line and "earlier saves are intact" in line
         assert read_training_state(Path(line.split("--resume ")[1])).global_step >= 2  # a state that resumes
         if mounted:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tests.helpers.user_paths import assert_one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_MODEL = "/nonexistent/model.safetensors"
@@ -22,20 +23,6 @@ def hidden_packages_env(folder: Path, *packages: str) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{p!r}] = None\n" for p in packages))
     return {"PYTHONPATH": f"{folder}{os.pathsep}{ROOT}"}
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "error:" in line]
-
-
-def assert_one_error_line(result, *fragments: str) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def data_args(data: Path, output: Path, model: str | Path = NO_MODEL) -> list[str]:

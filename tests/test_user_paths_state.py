@@ -19,27 +19,9 @@ from safetensors.torch import load_file
 
 from library.checkpoints import read_training_state
 from library.train_state_io import StateError, check_deepspeed_pickles, recover_output_dir, state_before_divergence
+from tests.helpers.user_paths import assert_one_error_line, lora_args
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def lora_args(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--in_json", str(data / "meta.json"),
-            "--train_data_dir", str(data / "images"), "--resolution", "64", "--enable_bucket",
-            "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--network_dim", "4", "--network_alpha", "2",
-            "--learning_rate", "1e-3", "--seed", "3", "--max_data_loader_n_workers", "0",
-            "--output_dir", str(output), "--output_name", "lora", "--max_train_steps", str(steps), *extra]
-
-
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
-
-
-def one_error(result: subprocess.CompletedProcess) -> str:
-    lines = error_lines(result)
-    assert len(lines) == 1, result.stderr[-3000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +94,7 @@ def test_sdxl_ema_state_is_safetensors_and_a_planted_pickle_is_refused(tiny_mode
     (state / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_CreatesFile(marker)))
     result = run_script("train_sdxl.py", args + ["--output_dir", tmp_path / "second", "--max_train_steps", "2",
                                                  "--resume", state], expect_rc=1)
-    line = one_error(result)
+    line = assert_one_error_line(result)
     assert "custom_checkpoint_0.pkl" in line and "unpickl" in line
     assert not marker.exists()
 
@@ -125,7 +107,7 @@ def test_sdxl_ema_state_is_safetensors_and_a_planted_pickle_is_refused(tiny_mode
     (old / "random_states_0.pkl").write_bytes(pickle.dumps(_CreatesFile(marker)))
     result = run_script("train_sdxl.py", args + ["--output_dir", tmp_path / "third", "--max_train_steps", "2",
                                                  "--resume", old], expect_rc=1)
-    line = one_error(result)
+    line = assert_one_error_line(result)
     assert "optimizer.bin" in line and "random_states_0.pkl" in line
     assert not marker.exists()
 
@@ -165,7 +147,7 @@ def test_broken_state_folder_is_one_error_line(lora_run, tiny_model_dirs, shapes
     damage(state)
     result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 3,
                                                       "--resume", state), expect_rc=1)
-    line = one_error(result)
+    line = assert_one_error_line(result)
     assert named in line and "resume from another state folder" in line
     assert "loading" not in result.stdout.lower() or "resum" not in result.stdout.lower()
 
@@ -196,25 +178,25 @@ def test_resume_refuses_another_network_shape_or_base_model(lora_run, tiny_model
                                                             run_script):
     state = lora_run / "lora-step00000001-state"
     args = lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "a", 3, "--resume", state, "--network_dim", "8")
-    line = one_error(run_script("train_network.py", args, expect_rc=1))
+    line = assert_one_error_line(run_script("train_network.py", args, expect_rc=1))
     assert "--network_dim 8" in line and "--network_dim 4" in line and "--resume_ignore_changes" in line
 
     args = lora_args(tiny_model_dirs["sdxl"], shapes_data, tmp_path / "b", 3, "--resume", state)
-    line = one_error(run_script("train_network.py", args, expect_rc=1))
+    line = assert_one_error_line(run_script("train_network.py", args, expect_rc=1))
     assert "--pretrained_model_name_or_path" in line and "the base model cannot change" in line
 
     # forced: the shapes still cannot fit, and that is one line naming the file and the flag
     args = lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "c", 3, "--resume", state, "--network_dim", "8",
                      "--resume_ignore_changes")
     result = run_script("train_network.py", args, expect_rc=1)
-    line = one_error(result)
+    line = assert_one_error_line(result)
     assert "model_lora_unet.safetensors" in line and "--network_dim" in line
     assert "changed with --resume_ignore_changes" in result.stdout
 
     # another family, forced past the settings check: refused once the model is known
     args = lora_args(tiny_model_dirs["sdxl"], shapes_data, tmp_path / "d", 3, "--resume", state,
                      "--resume_ignore_changes")
-    line = one_error(run_script("train_network.py", args, expect_rc=1))
+    line = assert_one_error_line(run_script("train_network.py", args, expect_rc=1))
     assert "sd1" in line and "sdxl" in line and "--pretrained_model_name_or_path" in line
 
 
@@ -277,7 +259,7 @@ def test_nan_stop_names_the_state_from_before_the_divergence_and_it_resumes(lora
     result = run_script("train_network.py", lora_args(model, shapes_data, diverged, 6, "--resume", start,
                                                       "--learning_rate", "1e10", "--save_state",
                                                       "--save_every_n_steps", "1"), expect_rc=1)
-    line = one_error(result)
+    line = assert_one_error_line(result)
     assert "NaN/inf" in line and f"resume from {start}," in line
     assert list(diverged.glob("lora-step*-state"))  # states after the blow-up exist, and are not the advice
     resumed = tmp_path / "resumed"
@@ -289,7 +271,7 @@ def test_nan_stop_names_the_state_from_before_the_divergence_and_it_resumes(lora
 def test_nan_stop_without_saved_states_says_so(tiny_model_dirs, shapes_data, tmp_path, run_script):
     result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 6,
                                                       "--learning_rate", "1e10"), expect_rc=1)
-    line = one_error(result)
+    line = assert_one_error_line(result)
     assert "no state was saved before the loss diverged" in line and "--save_state --save_every_n_steps" in line
 
 
