@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,59 @@ def test_recovery_of_every_kill_window(lora_run, tmp_path):
     assert sorted(p.name for p in output.iterdir()) == ["a-state", "b-state", "c-state"]
     assert len(done) == 3
     assert read_training_state(output / "c-state").global_step == 2
+
+
+def _complete_states(output: Path) -> dict[int, Path]:
+    return {read_training_state(f).global_step: f for f in output.glob("lora-step*-state")
+            if (f / "train_state.json").is_file()}
+
+
+def _kill_during_a_save(command: list[str], output: Path, marker: str, min_states: int, log: Path) -> str | None:
+    """Start ``command``; once ``min_states`` complete states exist, SIGKILL it the moment a name ending in
+    ``marker`` appears in ``output`` (a save in progress). Returns the name seen, or None if none appeared."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        seen, deadline = None, time.monotonic() + 240
+        try:
+            while seen is None and process.poll() is None and time.monotonic() < deadline:
+                names = [p.name for p in output.iterdir()] if output.is_dir() else []
+                ready = sum(1 for n in names if n.endswith("-state") and (output / n / "train_state.json").is_file())
+                seen = next((n for n in names if n.endswith(marker)), None) if ready >= min_states else None
+                if seen is None:
+                    time.sleep(0.0002)
+        finally:
+            process.kill()
+            process.wait()
+    return seen
+
+
+def test_kill_9_during_saves_never_loses_the_state(tiny_model_dirs, shapes_data, tmp_path, run_script):
+    """A real SIGKILL while a new state folder is written, then while an existing one is swapped for its
+    replacement (resuming from an older state into the same folder): each next start recovers, and --resume
+    auto finishes from the newest complete state."""
+    output, model = tmp_path / "out", tiny_model_dirs["sd15"]
+    saving = ("--save_state", "--save_every_n_steps", "1")
+    train = [sys.executable, str(ROOT / "train_network.py")]
+    first = _kill_during_a_save([*train, *lora_args(model, shapes_data, output, 1000, *saving)], output,
+                                ".tmp-saving", 3, tmp_path / "first.log")
+    assert first is not None, (tmp_path / "first.log").read_text()[-3000:]
+    oldest = _complete_states(output)[min(_complete_states(output))]
+    second = _kill_during_a_save([*train, *lora_args(model, shapes_data, output, 1000, *saving, "--resume", oldest)],
+                                 output, ".old", 1, tmp_path / "second.log")
+    second_log = (tmp_path / "second.log").read_text()
+    assert second is not None, second_log[-3000:]
+    recovered = [line for line in second_log.splitlines() if line.startswith("recovered interrupted saves")]
+    assert len(recovered) == 1 and first.removesuffix(".tmp-saving") in recovered[0], second_log[-3000:]
+    complete = _complete_states(output)
+    newest = max(complete)
+    result = run_script("train_network.py", lora_args(model, shapes_data, output, newest + 1, *saving,
+                                                      "--resume", "auto"))
+    assert "recovered interrupted saves" in result.stdout, result.stdout[-2000:]
+    assert f"--resume auto: continuing from {complete[newest]}" in result.stdout, result.stdout[-2000:]
+    assert read_training_state(output / "lora-state").global_step == newest + 1
+    leftovers = [p.name for p in output.iterdir() if p.name.endswith((".tmp-saving", ".old", ".tmp"))]
+    assert leftovers == [], leftovers
 
 
 def test_resume_auto_without_a_state_starts_fresh(tiny_model_dirs, shapes_data, tmp_path, run_script):
