@@ -104,16 +104,44 @@ def test_output_dir_that_is_a_file_is_one_error_line_before_the_model_loads(run_
     assert a_file.read_text() == "not a folder"
 
 
+def read_only_hook(folder: Path, read_only: Path) -> Path:
+    """Without a mount, as root (who writes through mode bits), a read-only filesystem is simulated at the
+    syscall wrappers: a sitecustomize makes creating anything under ``read_only`` fail with EROFS."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        f"_ROOT = {str(read_only)!r}\n"
+        "_open, _mkdir = os.open, os.mkdir\n"
+        "def _inside(path):\n"
+        "    path = os.path.abspath(os.fsdecode(path))\n"
+        "    return path == _ROOT or path.startswith(_ROOT + os.sep)\n"
+        "def _refuse(path):\n"
+        "    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)\n"
+        "def open_(path, flags, *args, **kwargs):\n"
+        "    if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and _inside(path):\n"
+        "        _refuse(path)\n"
+        "    return _open(path, flags, *args, **kwargs)\n"
+        "def mkdir_(path, *args, **kwargs):\n"
+        "    if _inside(path):\n"
+        "        _refuse(path)\n"
+        "    return _mkdir(path, *args, **kwargs)\n"
+        "os.open, os.mkdir = open_, mkdir_\n")
+    return folder
+
+
 def test_read_only_output_dir_is_one_error_line(run_script, tiny_model_dirs, shapes_data, tmp_path):
     read_only = tmp_path / "ro"
     with tmpfs(read_only, "ro,size=1M") as mounted:
-        if not mounted:  # root ignores permission bits, so without a mount only a non-root user can be tested
+        env = {}
+        if not mounted:  # root ignores permission bits: simulate the read-only filesystem instead
             if os.geteuid() == 0:
-                pytest.skip("cannot mount a read-only tmpfs here, and root writes through mode bits")
-            read_only.chmod(0o555)
+                hook = read_only_hook(tmp_path / "hook", read_only)
+                env = {"PYTHONPATH": f"{hook}{os.pathsep}{Path(__file__).parent.parent}"}
+            else:
+                read_only.chmod(0o555)
         for output, expected in [(read_only, "is not writable"), (read_only / "out", f"cannot be created in {read_only}")]:
             result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2),
-                                expect_rc=1)
+                                expect_rc=1, env=env)
             line = assert_one_error_line(result)
             assert f"--output_dir {output}" in line and expected in line and "writable" in line
 
