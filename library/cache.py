@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from library.safetensors_io import atomic_write_file
 from library.text_encoding import EncodedPrompts, PromptEncoder
 
 LATENT_CACHE_FORMAT = 1
@@ -324,21 +325,11 @@ def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write_file(path, lambda handle: np.savez(handle, **arrays))
     except OSError as error:
-        raise CacheFileError(f"{path}: cannot write the latent cache ({error}); make the folder writable, or use "
-                              "--cache_latents (a per-run cache in --output_dir) instead of --cache_latents_to_disk"
-                              ) from error
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CacheFileError(f"{path}: cannot write the latent cache ({error}); free disk space or make the "
-                                  "folder writable") from error
-        raise
+        raise CacheFileError(f"{path}: cannot write the latent cache ({error}); make the folder writable and free "
+                              "disk space, or use --cache_latents (a per-run cache in --output_dir) instead of "
+                              "--cache_latents_to_disk") from error
 
 
 PixelLoader = Callable[[LatentJob, bool], Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]

@@ -59,7 +59,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +68,7 @@ from PIL import Image, ImageOps
 
 from library.buckets import Size, cover_resize, crop_box, crop_top_left
 from library.metadata import IMAGE_EXTENSIONS  # one list for every reader of image folders
+from library.safetensors_io import atomic_write_file
 
 RESAMPLE = Image.Resampling.LANCZOS
 HUE_JITTER_DEGREES = 8.0
@@ -238,16 +238,8 @@ class VerifiedImages:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, then rename: a reader (another rank) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_file(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def verify_image_cached(path: Path, verified: VerifiedImages) -> Size:

@@ -79,6 +79,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """``write(handle)`` into a temp file beside ``path`` (binary), then rename it over ``path``: a reader (another
+    rank, a DataLoader worker) sees the old or the new file, never half of one. OSErrors propagate as they are."""
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def folder_temp_path(folder: Path) -> Path:
     return folder.with_name(folder.name + FOLDER_TEMP_SUFFIX)
 
