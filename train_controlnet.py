@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from PIL import Image
+from torch import nn
 
-from library import conditioning, config, script_flow  # noqa: E402
-from library.controlnet_models import create_controlnet, load_controlnet, save_controlnet  # noqa: E402
-from library.checkpoints import SINGLE_FILE_FORMATS  # noqa: E402
-from library.models import StableDiffusionModel, save_single_file  # noqa: E402
-from library.text_encoding import EncodedPrompts  # noqa: E402
+from library.data import conditioning
+from library.cli import config
+from library.cli import script_flow
+from library.models.controlnet_models import create_controlnet, load_controlnet, save_controlnet
+from library.training.checkpoints import SINGLE_FILE_FORMATS
+from library.models.loading import StableDiffusionModel, save_single_file
+from library.models.text_encoding import EncodedPrompts
 
 def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("controlnet")
@@ -157,7 +157,7 @@ def train_controlnet(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     model = session.model
     missing = [r.image_path for r in session.data.index.records if r.conditioning_path is None]
     if conditioning_filter is None and missing:
-        from library.dataset_config import DatasetConfigError
+        from library.data.dataset_config import DatasetConfigError
 
         raise DatasetConfigError(f"{len(missing)} image(s) have no conditioning image (first: {missing[0]}); use "
                                  "--conditioning_data_dir, a prompt.json, or --conditioning_filter")

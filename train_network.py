@@ -13,21 +13,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from library import config, script_flow  # noqa: E402
-from library.text_encoding import EncodedPrompts  # noqa: E402
-from library.training_metadata import per_save_metadata, tag_frequency, training_metadata  # noqa: E402
+from library.cli import config
+from library.cli import script_flow
+from library.models.text_encoding import EncodedPrompts
+from library.training.training_metadata import per_save_metadata, tag_frequency, training_metadata
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("network")

@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from library import config, ema, fused_backward, optim, script_flow  # noqa: E402
-from library.checkpoints import SINGLE_FILE_FORMATS  # noqa: E402
-from library.models import StableDiffusionModel, is_single_file, save_diffusers, save_single_file  # noqa: E402
-from library.sdxl_blocks import block_param_groups, check_block_lr_flag, parse_block_lr  # noqa: E402
-from library.text_encoding import EncodedPrompts, PromptEncoder  # noqa: E402
+from library.cli import config
+from library.training import ema, fused_backward, optim
+from library.cli import script_flow
+from library.training.checkpoints import SINGLE_FILE_FORMATS
+from library.models.loading import StableDiffusionModel, is_single_file, save_diffusers, save_single_file
+from library.models.sdxl_blocks import block_param_groups, check_block_lr_flag, parse_block_lr
+from library.models.text_encoding import EncodedPrompts, PromptEncoder
 
 def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sdxl fine-tuning")

@@ -13,7 +13,6 @@ Not run by CI.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,17 +21,16 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.buckets import BucketBatchSampler  # noqa: E402
-from library.dataset_config import DatasetConfig, SubsetConfig  # noqa: E402
-from library.datasets import (  # noqa: E402
+from library.data.buckets import BucketBatchSampler
+from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.data.datasets import (
     KeyedBatchSampler,
     TrainingDataset,
     build_bucket_sampler_inputs,
     collate_samples,
 )
-from library.records import load_dataset_index  # noqa: E402
+from library.data.records import load_dataset_index
 
 SIZES = [(1024, 1024), (1024, 768), (768, 1024), (1024, 576), (576, 1024), (1024, 832), (832, 1024), (1024, 680)]
 

@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # entries -> (hidden length, hidden width, pooled width)
 SHAPES = {1000: (77, 2048, 1280), 10000: (77, 2048, 1280), 100000: (77, 128, 80), 1000000: (77, 8, 8)}
@@ -63,8 +62,8 @@ def caption(i: int) -> str:
 def write(folder: Path, entries: int, length: int, width: int, pooled_width: int) -> dict:
     import torch
 
-    from library.cache import TextEncoderOutputCache
-    from library.text_encoding import EncodedPrompts
+    from library.cache.storage import TextEncoderOutputCache
+    from library.models.text_encoding import EncodedPrompts
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(BLOCK, length, width, generator=generator).half()
@@ -82,7 +81,7 @@ def write(folder: Path, entries: int, length: int, width: int, pooled_width: int
 def read(folder: Path, entries: int) -> dict:
     import torch  # noqa: F401  (imported before the baseline so it is not counted)
 
-    from library.cache import TextEncoderOutputCache
+    from library.cache.storage import TextEncoderOutputCache
 
     baseline = rss_bytes()
     start = time.perf_counter()

@@ -81,10 +81,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
 TINY_FAMILIES = ("sd15", "sd21", "sdxl")
 TINY_CONTROLNET_FAMILIES = ("sd15", "sdxl")
@@ -231,7 +229,7 @@ class StepClock:
 
 # Where the loop's ``train`` is looked up: run_training (shared by both scripts) calls it through
 # script_flow's globals; a script that imports ``train`` itself would call its own binding.
-TRAIN_CALLERS = ("library.script_flow", "train_network", "train_sdxl", "train_controlnet")
+TRAIN_CALLERS = ("library.cli.script_flow", "train_network", "train_sdxl", "train_controlnet")
 
 
 @contextlib.contextmanager
@@ -240,7 +238,7 @@ def clocked_train(clock: StepClock) -> Iterator[None]:
     the run, then put it back. Fails loudly if nothing was swapped, so the bench cannot silently time nothing."""
     import importlib
 
-    from library import training
+    from library.training import loop as training
 
     real_train = training.train
 
@@ -378,7 +376,7 @@ def tiny_controlnet_row(family: str, model_dir: Path, data_dir: Path, work: Path
 
 def prepare_inputs(work: Path, families: list[str], max_resolution: int, images: int) -> tuple[dict[str, Path], Path]:
     """Tiny model folders and one dataset big enough to crop at every resolution asked for."""
-    from library.tiny_models import make_tiny_model
+    from library.models.tiny_models import make_tiny_model
     from tools.make_sample_dataset import make_sample_dataset
 
     models = {family: make_tiny_model(family, work / f"model-{family}", seed=0) for family in families}
@@ -439,7 +437,7 @@ def build_full_size_unet(device: torch.device, dtype: torch.dtype) -> torch.nn.M
     """
     from diffusers import UNet2DConditionModel
 
-    from library.families import standard_configs
+    from library.models.families import standard_configs
 
     config = {k: v for k, v in standard_configs("sdxl")["unet"].items() if not k.startswith("_")}
     torch.manual_seed(0)
@@ -545,7 +543,8 @@ def full_size_row(args: argparse.Namespace) -> Row:
 def full_size_finetune_row(args: argparse.Namespace, setup: FinetuneSetup) -> Row:
     """Every weight of the full-size UNet trains, with train_sdxl's optimizer / fused backward / EMA code."""
     import train_sdxl
-    from library import config, ema, fused_backward, optim
+    from library.cli import config
+    from library.training import ema, fused_backward, optim
 
     device = full_size_device(args)
     flags = [*setup.flags, "--mixed_precision", "bf16", "--full_bf16"]
@@ -597,7 +596,7 @@ def full_size_finetune_row(args: argparse.Namespace, setup: FinetuneSetup) -> Ro
 
 def full_size_controlnet_row(args: argparse.Namespace) -> Row:
     """train_controlnet's model step at full size: a ControlNet made from the frozen SDXL UNet steers it."""
-    from library.controlnet_models import create_controlnet
+    from library.models.controlnet_models import create_controlnet
 
     device = full_size_device(args)
     dtype = torch.bfloat16

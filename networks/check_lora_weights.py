@@ -21,10 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
 DOWN_SUFFIX = ".lora_down.weight"
 UP_SUFFIX = ".lora_up.weight"
@@ -88,7 +86,7 @@ def lora_part(name: str) -> str:
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a ``.safetensors`` LoRA, or tensors of a ``.pt``/``.ckpt`` one."""
-    from library.models import ModelLoadError, read_checkpoint
+    from library.models.loading import ModelLoadError, read_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -138,7 +136,7 @@ def precision_dtype(name: str | None) -> torch.dtype | None:
     """kohya's precision names (float/fp16/bf16) -> torch dtype; None stays None."""
     if name is None:
         return None
-    from library.models import SAVE_DTYPES
+    from library.models.loading import SAVE_DTYPES
 
     return SAVE_DTYPES[name]
 
@@ -162,7 +160,7 @@ def modules_state_dict(modules: dict[str, LoRAFactors], dtype: torch.dtype | Non
 
 def save_lora_file(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None) -> None:
     """``.safetensors`` with metadata and the sshs_* hashes (as ``LoRANetwork.save_weights``), else torch.save."""
-    from library.safetensors_io import atomic_save_safetensors, atomic_torch_save
+    from library.io import atomic_save_safetensors, atomic_torch_save
     from networks.lora import precalculate_safetensors_hashes
 
     if Path(path).suffix.lower() != ".safetensors":

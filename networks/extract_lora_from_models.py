@@ -26,22 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from networks.check_lora_weights import PRECISIONS, LoRAFileError, precision_dtype, refuse_existing  # noqa: E402
+from networks.check_lora_weights import PRECISIONS, LoRAFileError, precision_dtype, refuse_existing
 
 if TYPE_CHECKING:
-    from library.models import StableDiffusionModel
+    from library.models.loading import StableDiffusionModel
 
 ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 
@@ -138,7 +135,7 @@ def extract_lora_state_dict(model_org: StableDiffusionModel, model_tuned: Stable
 
 def extraction_metadata(family: str, dim: int, conv_dim: int | None, v_parameterization: bool, save_to: str,
                         no_metadata: bool) -> dict[str, str]:
-    from library.training_metadata import BASE_MODEL_VERSION
+    from library.training.training_metadata import BASE_MODEL_VERSION
 
     network_args = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))}
     metadata = {
@@ -161,7 +158,7 @@ def extraction_metadata(family: str, dim: int, conv_dim: int | None, v_parameter
 
 
 def extract(args: argparse.Namespace) -> int:
-    from library.models import load_model
+    from library.models.loading import load_model
     from networks.lora import create_network_from_weights
 
     family = "sd2" if args.v2 else "sdxl" if args.sdxl else None
@@ -216,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clamp_quantile must be in (0, 1]")
     if Path(args.save_to).suffix.lower() not in (".safetensors", ".pt", ".ckpt"):
         parser.error("--save_to must be a .safetensors, .pt or .ckpt file")
-    from library.models import ModelLoadError
+    from library.models.loading import ModelLoadError
 
     try:
         refuse_existing(args.save_to)

@@ -217,7 +217,7 @@ def is_sdxl_unet(unet: nn.Module) -> bool:
 
 
 def _ldm_paths(unet: nn.Module) -> Any:
-    from library.ldm_layout import unet_table
+    from library.models.ldm_layout import unet_table
 
     return unet_table(dict(unet.config))
 
@@ -644,7 +644,7 @@ class LoRANetwork(nn.Module):
                      metadata: dict[str, Any] | None = None) -> None:
         """kohya's LoRA file: ``.safetensors`` (with metadata and the sshs_* hashes A1111 extensions read,
         written atomically) or ``.pt``/``.ckpt`` (torch.save, no metadata)."""
-        from library.safetensors_io import atomic_save_safetensors, atomic_torch_save
+        from library.io import atomic_save_safetensors, atomic_torch_save
 
         state_dict = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
         if Path(file).suffix.lower() == ".safetensors":

@@ -33,18 +33,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from networks.check_lora_weights import (  # noqa: E402
+from networks.check_lora_weights import (
     PRECISIONS,
     LoRAFactors,
     LoRAFileError,
@@ -57,7 +54,7 @@ from networks.check_lora_weights import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from library.models import StableDiffusionModel
+    from library.models.loading import StableDiffusionModel
 
 ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-768-v",
                  "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
@@ -186,7 +183,7 @@ def merge_into_model(model: StableDiffusionModel, files: list[str], ratios: list
 def merge_into_model_file(sd_model: str, files: list[str], ratios: list[float], save_to: str,
                           merge_dtype: torch.dtype, save_dtype: torch.dtype | None, expected_family: str | None,
                           no_metadata: bool) -> None:
-    from library.models import load_model, save_diffusers, save_single_file
+    from library.models.loading import load_model, save_diffusers, save_single_file
 
     model = load_model(sd_model, family=expected_family)
     merge_into_model(model, files, ratios, merge_dtype)
@@ -238,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a merged LoRA is saved as .safetensors, .pt or .ckpt: give --save_to such a file name")
     if args.sd_model is not None and (args.concat or args.shuffle):
         parser.error("--concat and --shuffle apply to merging LoRAs into a LoRA, not into --sd_model")
-    from library.models import ModelLoadError
+    from library.models.loading import ModelLoadError
     from networks.lora import LoRAWeightsError
 
     try:

@@ -34,17 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from networks.check_lora_weights import (  # noqa: E402
+from networks.check_lora_weights import (
     PRECISIONS,
     LoRAFactors,
     LoRAFileError,

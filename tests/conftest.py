@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from library.tiny_models import make_tiny_model
+from library.models.tiny_models import make_tiny_model
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 

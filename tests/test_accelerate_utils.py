@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, DynamoBackend, InitProcessGroupKwargs
 from torch import nn
 
-from library.accelerate_utils import (
+from library.training.accelerate_utils import (
     DEEPSPEED_INSTALL,
     TrainableModules,
     add_accelerate_arguments,
@@ -38,7 +38,7 @@ from library.accelerate_utils import (
     prepare_for_deepspeed,
     unwrap,
 )
-from library.config import add_dataset_arguments, add_training_arguments, build_parser, parse_args
+from library.cli.config import add_dataset_arguments, add_training_arguments, build_parser, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_PATH = REPO / "tests" / "helpers" / "ddp_probe.py"

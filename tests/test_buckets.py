@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from torch.utils.data import DataLoader
 
-from library.buckets import (
+from library.data.buckets import (
     BucketAssignment,
     BucketBatchSampler,
     cover_resize,
@@ -49,7 +49,7 @@ def test_bucket_list_512_matches_kohya() -> None:
 
 def test_min_max_rounding_warns(caplog: pytest.LogCaptureFixture) -> None:
     assert round_bucket_limits(300, 1000, 64)[:2] == (256, 1024)
-    with caplog.at_level(logging.WARNING, logger="library.buckets"):
+    with caplog.at_level(logging.WARNING, logger="library.data.buckets"):
         bucket_set = make_bucket_set((512, 512), 300, 1000, 64)
     assert (bucket_set.min_reso, bucket_set.max_reso) == (256, 1024)
     assert len(bucket_set.warnings) == 2

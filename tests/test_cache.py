@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.cache import (
+from library.cache.storage import (
     CacheStatus,
     LatentEncodingError,
     LatentJob,
@@ -24,8 +24,8 @@ from library.cache import (
     load_cached_latents,
     text_encoder_cache_identity,
 )
-from library.text_encoding import PromptEncoder
-from library.tiny_models import build_tiny_model
+from library.models.text_encoding import PromptEncoder
+from library.models.tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from library.captions import (
+from library.data.captions import (
     CaptionOptions,
     build_prompt,
     expand_wildcards,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from library import config
-from library.conditioning import (
+from library.cli import config
+from library.data.conditioning import (
     FILTERS,
     BlurFilter,
     CannyFilter,
@@ -26,7 +26,7 @@ from library.conditioning import (
     filter_from_args,
     make_filter,
 )
-from library.images import load_rgb
+from library.data.images import load_rgb
 from tools import canny as canny_tool
 from tools import make_controlnet_dataset as dataset_tool
 

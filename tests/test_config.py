@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import toml
 
-from library import config
+from library.cli import config
 
 
 def make_parser() -> config.TrainingArgumentParser:

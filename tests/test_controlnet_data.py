@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from library.dataset_config import DatasetConfig, SubsetConfig
-from library.datasets import SampleKey, TrainingDataset, collate_samples
-from library.records import DatasetProblems, load_dataset_index
+from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.data.datasets import SampleKey, TrainingDataset, collate_samples
+from library.data.records import DatasetProblems, load_dataset_index
 
 
 def gradient_image(size: tuple[int, int], seed: int) -> Image.Image:

@@ -10,7 +10,7 @@ import torch
 from diffusers import ControlNetModel
 from safetensors.torch import load_file, save_file
 
-from library.controlnet_models import (
+from library.models.controlnet_models import (
     CONTROLNET_CONFIG_METADATA_KEY,
     controlnet_config_dict,
     controlnet_to_ldm,
@@ -18,9 +18,9 @@ from library.controlnet_models import (
     load_controlnet,
     save_controlnet,
 )
-from library.models import ModelLoadError, StableDiffusionModel
-from library.safetensors_io import read_safetensors_metadata
-from library.tiny_models import build_tiny_model
+from library.models.loading import ModelLoadError, StableDiffusionModel
+from library.io import read_safetensors_metadata
+from library.models.tiny_models import build_tiny_model
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 # 4 SD blocks x (2 layers + downsampler or conv_in) = 12 zero convs; SDXL's 3 blocks give 9.

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from library import config
-from library.buckets import BucketBatchSampler
-from library.cache import latent_cache_path
-from library.captions import CaptionOptions
-from library.dataset_caching import (
+from library.cli import config
+from library.data.buckets import BucketBatchSampler
+from library.cache.storage import latent_cache_path
+from library.data.captions import CaptionOptions
+from library.cache.dataset_caching import (
     LatentCacheLocation,
     NotCacheableError,
     check_cacheable,
@@ -31,17 +31,17 @@ from library.dataset_caching import (
     latent_jobs,
     text_cache_mode,
 )
-from library.dataset_config import DatasetConfig, DatasetConfigError, SubsetConfig, load_dataset_configs
-from library.datasets import (
+from library.data.dataset_config import DatasetConfig, DatasetConfigError, SubsetConfig, load_dataset_configs
+from library.data.datasets import (
     KeyedBatchSampler,
     SampleKey,
     TrainingDataset,
     build_bucket_sampler_inputs,
     collate_samples,
 )
-from library.records import load_dataset_index
-from library.models import load_model
-from library.text_encoding import PromptEncoder
+from library.data.records import load_dataset_index
+from library.models.loading import load_model
+from library.models.text_encoding import PromptEncoder
 from tools import cache_text_encoder_outputs, check_dataset, prepare_buckets_latents
 
 SIZES = {"wide": (128, 80), "tall": (80, 128), "square": (96, 96), "small": (64, 64)}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import toml
 
-from library import config
-from library.dataset_config import (
+from library.cli import config
+from library.data.dataset_config import (
     DatasetConfig,
     DatasetConfigError,
     load_dataset_configs,
@@ -414,7 +414,7 @@ resolution = 1024
   [[datasets.subsets]]
   metadata_file = "meta.json"
 """)
-    with caplog.at_level(logging.WARNING, logger="library.dataset_config"):
+    with caplog.at_level(logging.WARNING, logger="library.data.dataset_config"):
         first, second, third = load(cfg)
     assert [s.num_repeats for s in first.subsets] == [2]
     assert len(second.subsets) == 1 and second.resolution == (1024, 1024)
@@ -427,7 +427,7 @@ resolution = 1024
 
 def test_cli_folders_ignored_with_a_config_file(dirs: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = write(dirs, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n')
-    with caplog.at_level(logging.WARNING, logger="library.dataset_config"):
+    with caplog.at_level(logging.WARNING, logger="library.data.dataset_config"):
         (dataset,) = load(cfg, "--train_data_dir", "b", "--in_json", "meta.json")
     assert dataset.subsets[0].image_dir == Path("a")
     assert "--train_data_dir, --in_json are ignored because --dataset_config is given" in caplog.text
@@ -444,7 +444,7 @@ def test_dreambooth_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     folder(reg, "1_dog")
     args = make_args("--train_data_dir", str(train), "--reg_data_dir", str(reg), "--resolution", "768",
                      "--shuffle_caption")
-    with caplog.at_level(logging.WARNING, logger="library.dataset_config"):
+    with caplog.at_level(logging.WARNING, logger="library.data.dataset_config"):
         (dataset,) = load_dataset_configs(args)
     assert dataset.kind == "dreambooth" and dataset.resolution == (768, 768)
     got = [(s.image_dir.name, s.num_repeats, s.class_tokens, s.is_reg) for s in dataset.subsets]  # type: ignore[union-attr]
@@ -470,7 +470,7 @@ def test_dreambooth_folder_without_valid_subfolders(tmp_path: Path) -> None:
 def test_in_json_finetuning(dirs: Path, caplog: pytest.LogCaptureFixture) -> None:
     args = make_args("--in_json", "meta.json", "--train_data_dir", "a", "--dataset_repeats", "3",
                      "--reg_data_dir", "b")
-    with caplog.at_level(logging.WARNING, logger="library.dataset_config"):
+    with caplog.at_level(logging.WARNING, logger="library.data.dataset_config"):
         (dataset,) = load_dataset_configs(args)
     (subset,) = dataset.subsets
     assert dataset.kind == "finetuning" and subset.metadata_file == Path("meta.json")

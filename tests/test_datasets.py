@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from library.buckets import BucketBatchSampler
-from library.captions import CaptionOptions
-from library.dataset_config import DatasetConfig, SubsetConfig
-from library.datasets import (
+from library.data.buckets import BucketBatchSampler
+from library.data.captions import CaptionOptions
+from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.data.datasets import (
     BucketKey,
     KeyedBatchSampler,
     SampleKey,
@@ -23,8 +23,8 @@ from library.datasets import (
     build_bucket_sampler_inputs,
     collate_samples,
 )
-from library.records import DatasetProblems, build_dataset_index, collect_records, load_dataset_index
-from library.images import CropPlan, apply_crop_plan, load_image, plan_crop, read_image_size, verify_image
+from library.data.records import DatasetProblems, build_dataset_index, collect_records, load_dataset_index
+from library.data.images import CropPlan, apply_crop_plan, load_image, plan_crop, read_image_size, verify_image
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -508,6 +508,6 @@ def test_check_dataset_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     assert "not UTF-8" in report.format()
 
     (train / "wide.txt").write_text("fixed")
-    monkeypatch.setattr("library.dataset_config.load_dataset_configs", lambda args: [config], raising=False)
+    monkeypatch.setattr("library.data.dataset_config.load_dataset_configs", lambda args: [config], raising=False)
     assert check_dataset.main(["--family", "sd15"]) == 0
     assert "no problems found" in capsys.readouterr().out

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from library.config import build_parser, parse_args
-from library.ema import EMASettings, ExponentialMovingAverage, add_ema_arguments, ema_settings_from_args
+from library.cli.config import build_parser, parse_args
+from library.training.ema import EMASettings, ExponentialMovingAverage, add_ema_arguments, ema_settings_from_args
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -16,9 +16,9 @@ import transformers.optimization
 from accelerate import Accelerator
 from torch import nn
 
-from library import config
-from library.accelerate_utils import add_accelerate_arguments
-from library.fused_backward import (
+from library.cli import config
+from library.training.accelerate_utils import add_accelerate_arguments
+from library.training.fused_backward import (
     FusedBackwardOptimizer,
     add_fused_backward_arguments,
     build_fused_optimizer_and_scheduler,
@@ -26,7 +26,7 @@ from library.fused_backward import (
     fused_backward_supported,
     unsupported_optimizer_message,
 )
-from library.optim import OptimizerSettings, add_optimizer_arguments, build_optimizer, build_optimizer_and_scheduler
+from library.training.optim import OptimizerSettings, add_optimizer_arguments, build_optimizer, build_optimizer_and_scheduler
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-7}
 LR = 1e-2

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from library.families import standard_configs
-from library.ldm_layout import unet_table
-from library.models import StableDiffusionModel, build_model
-from library.safetensors_io import read_safetensors_metadata
-from library.tiny_models import build_tiny_model
+from library.models.families import standard_configs
+from library.models.ldm_layout import unet_table
+from library.models.loading import StableDiffusionModel, build_model
+from library.io import read_safetensors_metadata
+from library.models.tiny_models import build_tiny_model
 from networks.lora import (
     LoRAModule,
     LoRAWeightsError,

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from library.models import StableDiffusionModel, load_model, save_single_file
-from library.safetensors_io import read_safetensors_metadata
+from library.models.loading import StableDiffusionModel, load_model, save_single_file
+from library.io import read_safetensors_metadata
 from networks import check_lora_weights, extract_lora_from_models, merge_lora, resize_lora
 from networks.check_lora_weights import LoRAFactors, group_modules, read_lora_file
 from networks.extract_lora_from_models import extract_lora_state_dict, low_rank_factors, signed_quantile

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from library import metadata as md
+from library.data import metadata as md
 from tools import clean_captions_and_tags, merge_captions_to_metadata, merge_dd_tags_to_metadata
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
-from library import ldm_layout
-from library.clip_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_clip_tokenizer
-from library.families import standard_configs
-from library.models import (
+from library.models import ldm_layout
+from library.models.clip_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_clip_tokenizer
+from library.models.families import standard_configs
+from library.models.loading import (
     CONFIG_METADATA_KEY,
     ModelLoadError,
     _component_state_dicts,
@@ -21,7 +21,7 @@ from library.models import (
     load_model,
     save_single_file,
 )
-from library.safetensors_io import read_safetensors_metadata
+from library.io import read_safetensors_metadata
 from tools import convert_model
 
 COMPONENTS = {"sd15": ["unet", "vae", "text_encoder"], "sd21": ["unet", "vae", "text_encoder"],
@@ -89,7 +89,7 @@ def test_tiny_model_loads_in_diffusers_offline(tiny_model_dirs: dict[str, Path],
 
 
 def test_tiny_model_is_deterministic_per_seed(tmp_path: Path) -> None:
-    from library.tiny_models import build_tiny_model
+    from library.models.tiny_models import build_tiny_model
 
     a, b, c = build_tiny_model("sd15", seed=3), build_tiny_model("sd15", seed=3), build_tiny_model("sd15", seed=4)
     assert_same_tensors(a.unet, b.unet)
@@ -229,7 +229,7 @@ def test_v_parameterization_override(tiny_model_dirs: dict[str, Path], tmp_path:
 
 
 def test_vae_override_from_folder_and_from_vae_only_file(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    from library.tiny_models import make_tiny_model
+    from library.models.tiny_models import make_tiny_model
 
     other = make_tiny_model("sd15", tmp_path / "other", seed=7)
     from_folder = load_model(tiny_model_dirs["sd15"], vae=str(other / "vae"))

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from library import config as cfg
-from library.noise import (
+from library.cli import config as cfg
+from library.training.noise import (
     LossOptions,
     NoiseOptions,
     add_loss_arguments,

@@ -16,8 +16,8 @@ import pytest
 import torch
 import transformers.optimization
 
-from library import config
-from library.optim import (
+from library.cli import config
+from library.training.optim import (
     OPTIMIZERS,
     OptimizerSettings,
     add_optimizer_arguments,
@@ -119,7 +119,7 @@ def test_param_group_dicts_are_copied_not_mutated():
 
 
 def test_adafactor_defaults_to_relative_step_and_forces_its_scheduler(caplog):
-    with caplog.at_level(logging.WARNING, logger="library.optim"):
+    with caplog.at_level(logging.WARNING, logger="library.training.optim"):
         optimizer, description = build_optimizer("adafactor", _params(), 1e-3, {})
     assert "only reported" in caplog.text
     assert type(optimizer) is transformers.optimization.Adafactor
@@ -302,12 +302,12 @@ def test_old_bitsandbytes_without_the_class(fake_packages, monkeypatch):
 
 def test_adaptive_optimizers_warn_about_low_and_multiple_lrs(fake_packages, caplog):
     first, second = _params(2)
-    with caplog.at_level(logging.WARNING, logger="library.optim"):
+    with caplog.at_level(logging.WARNING, logger="library.training.optim"):
         build_optimizer("Prodigy", [{"params": [first], "lr": 0.05}, {"params": [second], "lr": 1.0}], 1.0, {})
     assert "learning rate 0.05 is very low" in caplog.text
     assert "several learning rates [0.05, 1.0]" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="library.optim"):
+    with caplog.at_level(logging.WARNING, logger="library.training.optim"):
         optimizer, _ = build_optimizer("DAdaptAdam", _params(), 1.0, {})
     assert caplog.text == ""
     # A D-Adapt optimizer may still be scheduled (the schedule scales its estimated step).
@@ -320,7 +320,7 @@ def test_schedule_free_is_in_train_mode_and_gets_a_constant_scheduler(fake_packa
     assert optimizer.mode == "train" and is_schedule_free(optimizer)
     assert not is_schedule_free(_sgd())
     assert is_schedule_free(types.SimpleNamespace(optimizer=optimizer))  # seen through a wrapper (accelerate's)
-    with caplog.at_level(logging.WARNING, logger="library.optim"):
+    with caplog.at_level(logging.WARNING, logger="library.training.optim"):
         scheduler = build_scheduler("cosine", optimizer, num_training_steps=100, num_warmup_steps=0)
     assert "ignoring --lr_scheduler cosine" in caplog.text
     assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
@@ -488,7 +488,7 @@ def test_flags_defaults_and_settings():
 
 @pytest.mark.parametrize("flag, target", [("--use_8bit_adam", "AdamW8bit"), ("--use_lion_optimizer", "Lion")])
 def test_legacy_flags_map_with_a_deprecation_warning(flag, target, caplog):
-    with caplog.at_level(logging.WARNING, logger="library.optim"):
+    with caplog.at_level(logging.WARNING, logger="library.training.optim"):
         settings = optimizer_settings_from_args(_parse([flag]))
     assert settings.optimizer_type == target
     assert f"{flag} is deprecated: use --optimizer_type {target}" in caplog.text

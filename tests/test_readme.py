@@ -25,6 +25,14 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert quick_start_commands()[1] in ci_lines
 
 
+def test_quick_start_installs_the_project_itself() -> None:
+    """Scripts and tools import ``library`` with no ``sys.path`` edits: the project must be installed (editable)."""
+    assert all(re.search(r"pip install -e \. ", command) for command in quick_start_commands())
+    for path in [*ROOT.glob("*.py"), *(p for d in ("library", "networks", "tools", "bench") for p in (ROOT / d).rglob("*.py"))]:
+        text = path.read_text()
+        assert "sys.path" not in text and "os.environ.setdefault" not in text, path
+
+
 def test_quick_start_scripts_exist() -> None:
     for command in quick_start_commands():
         for script in re.findall(r"python (\S+\.py)", command):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from library.config import parse_args
-from library.sampling import (
+from library.cli.config import parse_args
+from library.training.sampling import (
     SAMPLER_NAMES,
     SamplePrompt,
     SamplePromptError,
@@ -25,8 +25,8 @@ from library.sampling import (
     sample_file_name,
     should_sample,
 )
-from library.text_encoding import PromptEncoder
-from library.tiny_models import build_tiny_model
+from library.models.text_encoding import PromptEncoder
+from library.models.tiny_models import build_tiny_model
 
 # ---------------------------------------------------------------- prompt files
 

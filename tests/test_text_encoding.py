@@ -10,9 +10,9 @@ import torch
 from torch.testing import assert_close
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from library.clip_tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
-from library.families import tiny_configs
-from library.text_encoding import (
+from library.models.clip_tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
+from library.models.families import tiny_configs
+from library.models.text_encoding import (
     EncodedPrompts,
     PromptEncoder,
     chunk_count,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-import library.script_flow as script_flow
+import library.cli.script_flow as script_flow
 import train_controlnet
-from library.controlnet_models import load_controlnet
-from library.models import load_model
+from library.models.controlnet_models import load_controlnet
+from library.models.loading import load_model
 from tools import canny, make_controlnet_dataset
 from tools.make_sample_dataset import make_sample_dataset
 

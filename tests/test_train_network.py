@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_network
-from library.checkpoints import read_training_state
+from library.training.checkpoints import read_training_state
 from tests.helpers.user_paths import lora_args
 from tools.make_sample_dataset import make_sample_dataset
 
@@ -164,7 +164,7 @@ def _scalars(logs: Path, tag: str) -> list[tuple[int, float]]:
 def test_validation_loss_is_fixed_noise_on_held_out_images(tiny_model_dirs, sample_data, tmp_path, capsys, monkeypatch):
     """Each evaluation runs twice on the same weights and must give the identical number (fixed timesteps and
     noise); between evaluations the model learns, so the logged values move."""
-    from library import validation
+    from library.training import validation
 
     original, repeats = validation.validation_loss, []
 
@@ -191,7 +191,7 @@ def test_adamw8bit_trains_with_8bit_state(tiny_model_dirs, sample_data, tmp_path
                                         "--optimizer_args", "min_8bit_size=0", "--save_state")) == 0
     with safe_open(str(output / "lora.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
-    from library.train_state_io import read_tree
+    from library.training.train_state_io import read_tree
 
     optimizer_state = read_tree(output / "lora-state", "optimizer")["state"]  # safetensors + JSON, no pickle
     quantized = [state["__bnb_optimizer_quant_state__"] for state in optimizer_state.values()]
@@ -203,8 +203,8 @@ def minimal_unet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SD1 with two UNet levels and one layer per block: the smallest real graph for torch.compile."""
     import copy
 
-    from library.families import tiny_configs
-    from library.models import build_model, save_diffusers
+    from library.models.families import tiny_configs
+    from library.models.loading import build_model, save_diffusers
 
     configs = copy.deepcopy(tiny_configs("sd1"))
     configs["unet"].update(down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -273,8 +273,8 @@ def test_ddp_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path, launch
 
 def test_schedule_free_optimizer_switches_to_eval_for_samples_and_saves(tiny_model_dirs, sample_data, tmp_path,
                                                                         monkeypatch):
-    import library.run_setup as run_setup
-    from library.optim import is_schedule_free
+    import library.training.run_setup as run_setup
+    from library.training.optim import is_schedule_free
 
     modes = []
     original = run_setup.sampling.generate_samples

@@ -9,9 +9,9 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 import train_sdxl
-from library.ldm_layout import unet_table
-from library.models import load_model, save_single_file
-from library.sdxl_blocks import block_index
+from library.models.ldm_layout import unet_table
+from library.models.loading import load_model, save_single_file
+from library.models.sdxl_blocks import block_index
 from tools.make_sample_dataset import make_sample_dataset
 
 
@@ -122,7 +122,7 @@ def test_deepspeed_zero2_two_processes_saves_a_loadable_model(tiny_model_dirs, s
 def test_ema_saves_the_closed_form_average_and_samples_with_it(tiny_model_dirs, sample_data, tmp_path, monkeypatch):
     """decay 0.5, no warm-up, 3 steps: ema = d^3 w0 + (1-d)(d^2 w1 + d w2 + w3), with w_i the raw weights after
     step i (saved with --save_raw_too); sampling at step 3 must see the EMA weights."""
-    import library.run_setup as run_setup
+    import library.training.run_setup as run_setup
 
     seen = []
     original = run_setup.sampling.generate_samples

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.dataset_config import DatasetConfig, SubsetConfig
-from library.datasets import TrainingDataset
-from library.images import load_image, to_tensor, verify_image
-from library.records import build_dataset_index
+from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.data.datasets import TrainingDataset
+from library.data.images import load_image, to_tensor, verify_image
+from library.data.records import build_dataset_index
 from tests.helpers.user_paths import assert_one_error_line
 
 
@@ -69,9 +69,9 @@ def test_controlnet_trains_on_a_flat_folder_with_a_filter(run_script, tiny_model
 
 def test_flat_folder_captions_come_from_the_caption_extension(tmp_path):
     """Without a sidecar in --caption_extension (and no class tokens) the image is a problem naming it."""
-    from library.config import add_dataset_arguments, build_parser
-    from library.dataset_config import load_dataset_configs
-    from library.conditioning import add_conditioning_arguments
+    from library.cli.config import add_dataset_arguments, build_parser
+    from library.data.dataset_config import load_dataset_configs
+    from library.data.conditioning import add_conditioning_arguments
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -175,7 +175,7 @@ def test_verified_images_are_remembered_and_rechecked_when_changed(shapes_data, 
 
 
 def test_verified_cache_that_cannot_be_written_is_harmless(shapes_data, tmp_path):
-    from library.images import VerifiedImages
+    from library.data.images import VerifiedImages
 
     data = copy_dataset(shapes_data, tmp_path / "data")
     blocker = tmp_path / "not-a-folder"
@@ -193,7 +193,7 @@ def test_verified_cache_that_cannot_be_written_is_harmless(shapes_data, tmp_path
 
 def test_decode_error_during_training_names_the_file(shapes_data, tmp_path):
     """If an image breaks after the start-up check, the error names it (ImageReadError is a one-line error)."""
-    from library.images import ImageReadError
+    from library.data.images import ImageReadError
 
     data = copy_dataset(shapes_data, tmp_path / "data")
     dataset = DatasetConfig(kind="dreambooth", subsets=(SubsetConfig(image_dir=data / "images"),),
@@ -207,7 +207,7 @@ def test_decode_error_during_training_names_the_file(shapes_data, tmp_path):
     with pytest.raises(ImageReadError, match="shape_000.png: cannot decode the image"):
         training[position]
 
-    from library.run_setup import user_errors
+    from library.training.run_setup import user_errors
 
     assert issubclass(ImageReadError, user_errors())
 
@@ -266,7 +266,7 @@ def _mode_image(mode: str) -> Image.Image:
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F", "LA", "CMYK", "1"])
 def test_unusual_modes_keep_their_brightness(mode):
-    from library.images import to_rgb_and_alpha
+    from library.data.images import to_rgb_and_alpha
 
     image = _mode_image(mode)
     assert image.mode == mode
@@ -396,8 +396,8 @@ def test_different_batch_sizes_are_one_error_line(run_script, tiny_model_dirs, s
 
 
 def test_unwritable_latent_cache_is_one_error_naming_the_file(tmp_path):
-    from library.cache import CacheFileError, _write_npz_atomic
-    from library.run_setup import user_errors
+    from library.cache.storage import CacheFileError, _write_npz_atomic
+    from library.training.run_setup import user_errors
 
     blocker = tmp_path / "images"
     blocker.write_text("a file where the image folder should be")
@@ -407,7 +407,7 @@ def test_unwritable_latent_cache_is_one_error_naming_the_file(tmp_path):
 
 
 def test_damaged_cached_latent_while_training_is_one_error_naming_it(tmp_path):
-    from library.cache import CacheFileError, load_cached_latents
+    from library.cache.storage import CacheFileError, load_cached_latents
 
     damaged = tmp_path / "x_0064x0064_sd.npz"
     damaged.write_bytes(b"PK\x03\x04 not really a zip")
@@ -419,8 +419,8 @@ def test_errors_re_raised_by_a_dataloader_worker_keep_their_one_line_message(sha
     """torch re-raises a worker's error with the worker's traceback as its message; the user sees one line."""
     import torch
 
-    from library.datasets import collate_samples
-    from library.images import ImageReadError
+    from library.data.datasets import collate_samples
+    from library.data.images import ImageReadError
 
     data = copy_dataset(shapes_data, tmp_path / "data")
     dataset = DatasetConfig(kind="dreambooth", subsets=(SubsetConfig(image_dir=data / "images"),),

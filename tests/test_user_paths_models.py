@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from library.models import detect_model_family, load_model, save_single_file
-from library.run_setup import peek_family
-from library.text_encoding import PromptEncoder
-from library.tiny_models import build_tiny_model
+from library.models.loading import detect_model_family, load_model, save_single_file
+from library.training.run_setup import peek_family
+from library.models.text_encoding import PromptEncoder
+from library.models.tiny_models import build_tiny_model
 from networks.lora import LoRANetwork, create_network
 from tests.helpers.user_paths import assert_one_error_line, lora_args
 
@@ -214,7 +214,7 @@ def test_train_sdxl_saved_as_diffusers_has_standard_key_names(tiny_model_dirs, s
 def test_controlnet_folder_has_standard_key_names(tiny_model_dirs, tmp_path):
     from diffusers import ControlNetModel
 
-    from library.controlnet_models import create_controlnet, save_controlnet
+    from library.models.controlnet_models import create_controlnet, save_controlnet
 
     model = load_model(tiny_model_dirs["sdxl"])
     save_controlnet(create_controlnet(model.unet), tmp_path / "cn", model.family)

@@ -14,8 +14,8 @@ from typing import Iterator
 
 import pytest
 
-from library import config
-from library.checkpoints import SaveSettings, read_training_state
+from library.cli import config
+from library.training.checkpoints import SaveSettings, read_training_state
 from tests.helpers.user_paths import assert_one_error_line, lora_args
 
 
@@ -35,7 +35,7 @@ def controlnet_args(model: Path, data: Path, output: Path, steps: int, *extra: s
 
 @pytest.fixture(scope="module")
 def sdxl_single_file(tiny_model_dirs, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from library.models import load_model, save_single_file
+    from library.models.loading import load_model, save_single_file
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors"
     save_single_file(load_model(tiny_model_dirs["sdxl"]), path)
@@ -163,7 +163,7 @@ def test_an_existing_lora_is_kept_unless_overwrite(run_script, tiny_model_dirs, 
 
 def test_an_existing_sdxl_folder_stops_at_start_up_and_is_replaced_with_overwrite(run_script, tiny_model_dirs,
                                                                                    shapes_data, tmp_path):
-    from library.models import load_model
+    from library.models.loading import load_model
 
     output = tmp_path / "out"
     args = sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 1)  # a folder in, a diffusers folder out
@@ -190,7 +190,7 @@ def test_output_name_must_be_a_plain_file_name(run_script, tiny_model_dirs, shap
 def test_start_up_check_names_every_save_of_the_run(tmp_path):
     """Step saves follow --max_train_steps; epoch saves, whose count needs the data, are matched by name."""
     import train_network
-    from library.output_checks import OutputError, check_outputs, count_model_saves
+    from library.training.output_checks import OutputError, check_outputs, count_model_saves
 
     output = tmp_path / "out"
     output.mkdir()
@@ -301,7 +301,7 @@ def test_resume_into_the_runs_own_output_dir(run_script, tiny_model_dirs, sdxl_s
                                    FileExistsError(errno.EEXIST, "File exists")])
 def test_errors_while_saving_are_one_line(tiny_model_dirs, shapes_data, tmp_path, monkeypatch, capsys, error):
     import train_network
-    from library import safetensors_io
+    from library import io as safetensors_io
 
     def refuse(*args, **kwargs):
         raise error

@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from library.checkpoints import read_training_state
-from library.train_state_io import StateError, check_deepspeed_pickles, recover_output_dir, state_before_divergence
+from library.training.checkpoints import read_training_state
+from library.training.train_state_io import StateError, check_deepspeed_pickles, recover_output_dir, state_before_divergence
 from tests.helpers.user_paths import assert_one_error_line, lora_args
 
 ROOT = Path(__file__).resolve().parent.parent

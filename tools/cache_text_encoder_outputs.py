@@ -25,29 +25,26 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as a script: make `library` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from library.config import (  # noqa: E402
+from library.cli.config import (
     add_dataset_arguments,
     add_model_arguments,
     build_parser,
     parse_args,
     positive_int,
 )
-from library.dataset_caching import (  # noqa: E402
+from library.cache.dataset_caching import (
     NotCacheableError,
     dataset_prompts,
     default_text_cache_dir,
     fill_text_cache,
     raise_if_not_cacheable,
 )
-from library.dataset_config import DatasetConfigError, load_dataset_configs  # noqa: E402
-from library.records import DatasetProblems, load_dataset_index  # noqa: E402
-from library.models import ModelLoadError, load_model  # noqa: E402
-from library.text_encoding import PromptEncoder  # noqa: E402
+from library.data.dataset_config import DatasetConfigError, load_dataset_configs
+from library.data.records import DatasetProblems, load_dataset_index
+from library.models.loading import ModelLoadError, load_model
+from library.models.text_encoding import PromptEncoder
 
 
 def build_cache_parser() -> argparse.ArgumentParser:

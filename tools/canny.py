@@ -25,13 +25,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from library.conditioning import CannyFilter, ConditioningFilter  # noqa: E402
-from library.images import load_rgb  # noqa: E402
-from library.metadata import MetadataError, format_names, list_images  # noqa: E402
+from library.data.conditioning import CannyFilter, ConditioningFilter
+from library.data.images import load_rgb
+from library.data.metadata import MetadataError, format_names, list_images
 
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:

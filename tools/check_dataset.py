@@ -30,20 +30,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `library` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from library.buckets import Size  # noqa: E402
-from library.config import add_dataset_arguments, add_model_arguments, build_parser, parse_args  # noqa: E402
-from library.dataset_caching import (  # noqa: E402
+from library.data.buckets import Size
+from library.cli.config import add_dataset_arguments, add_model_arguments, build_parser, parse_args
+from library.cache.dataset_caching import (
     LatentCacheLocation,
     check_cacheable,
     latent_cache_mode,
     latent_cache_status,
     text_cache_mode,
 )
-from library.dataset_config import DatasetConfig, DatasetConfigError  # noqa: E402
-from library.records import (  # noqa: E402
+from library.data.dataset_config import DatasetConfig, DatasetConfigError
+from library.data.records import (
     DatasetIndex,
     ImageRecord,
     Problem,
@@ -240,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, check, print the report; 0 when training would start, 1 otherwise."""
     parser = build_check_parser()
     args = parse_args(parser, argv)
-    from library.dataset_config import load_dataset_configs  # being written alongside; imported late
+    from library.data.dataset_config import load_dataset_configs  # being written alongside; imported late
 
     try:
         datasets = load_dataset_configs(args)

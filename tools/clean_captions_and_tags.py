@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.metadata import MetadataError, clean_metadata, format_names, load_metadata, write_json_atomic  # noqa: E402
+from library.data.metadata import MetadataError, clean_metadata, format_names, load_metadata, write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,16 +11,13 @@ configs, so they convert back to an identical folder with no extra flags.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.families import FAMILY_ALIASES  # noqa: E402
-from library.models import SAVE_DTYPES, ModelLoadError, load_model, save_diffusers, save_single_file  # noqa: E402
+from library.models.families import FAMILY_ALIASES
+from library.models.loading import SAVE_DTYPES, ModelLoadError, load_model, save_diffusers, save_single_file
 
 
 def main(argv: list[str] | None = None) -> int:

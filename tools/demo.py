@@ -12,22 +12,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# transformers warns at import that torchvision is absent; nothing here needs it.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import train_network  # noqa: E402
-from library.models import load_model, save_single_file  # noqa: E402
-from library.tiny_models import build_tiny_model  # noqa: E402
-from tools.make_sample_dataset import make_sample_dataset  # noqa: E402
+import train_network
+from library.models.loading import load_model, save_single_file
+from library.models.tiny_models import build_tiny_model
+from tools.make_sample_dataset import make_sample_dataset
 
 SAMPLE_PROMPTS = """\
 # one prompt per line, with kohya's inline options

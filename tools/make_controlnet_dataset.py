@@ -30,11 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.conditioning import FILTERS, ConditioningFilter, make_filter  # noqa: E402
-from library.images import load_rgb  # noqa: E402
-from library.metadata import (  # noqa: E402
+from library.data.conditioning import FILTERS, ConditioningFilter, make_filter
+from library.data.images import load_rgb
+from library.data.metadata import (
     MetadataError,
     format_names,
     list_images,

@@ -6,16 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.families import FAMILY_ALIASES  # noqa: E402
-from library.tiny_models import make_tiny_model  # noqa: E402
+from library.models.families import FAMILY_ALIASES
+from library.models.tiny_models import make_tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:

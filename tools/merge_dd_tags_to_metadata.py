@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.metadata import run_merge  # noqa: E402
+from library.data.metadata import run_merge
 
 
 def main(argv: list[str] | None = None) -> int:

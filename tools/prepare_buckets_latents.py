@@ -34,18 +34,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as a script: make `library` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from library.cache import LatentJob, fill_latent_cache  # noqa: E402
-from library.config import MIXED_PRECISION_CHOICES, positive_int  # noqa: E402
-from library.dataset_caching import latent_job_for, load_job_pixels  # noqa: E402
-from library.dataset_config import DatasetConfig, parse_resolution  # noqa: E402
-from library.records import make_dataset_bucket_set  # noqa: E402
-from library.images import read_image_size  # noqa: E402
-from library.metadata import (  # noqa: E402
+from library.cache.storage import LatentJob, fill_latent_cache
+from library.cli.config import MIXED_PRECISION_CHOICES, positive_int
+from library.cache.dataset_caching import latent_job_for, load_job_pixels
+from library.data.dataset_config import DatasetConfig, parse_resolution
+from library.data.records import make_dataset_bucket_set
+from library.data.images import read_image_size
+from library.data.metadata import (
     MetadataError,
     assign_keys,
     format_names,
@@ -53,7 +50,7 @@ from library.metadata import (  # noqa: E402
     load_metadata,
     write_json_atomic,
 )
-from library.models import ModelLoadError, load_model  # noqa: E402
+from library.models.loading import ModelLoadError, load_model
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from library.accelerate_utils import (
+from library.training.accelerate_utils import (
     add_accelerate_arguments,
     broadcast_seed,
     build_accelerator,
     gather_state_dict,
     prepare_for_deepspeed,
 )
-from library.config import add_dataset_arguments, add_training_arguments, build_parser, parse_args
+from library.cli.config import add_dataset_arguments, add_training_arguments, build_parser, parse_args
 
 STEPS = 3
 BATCH = 4

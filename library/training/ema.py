@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from library.config import add_validator, non_negative_int, positive_int
+from library.cli.config import add_validator, non_negative_int, positive_int
 
 DEFAULT_DECAY = 0.9999
 EMA_DEVICES: tuple[str, ...] = ("cpu", "same")

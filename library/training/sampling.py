@@ -36,8 +36,8 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover - types only
     from PIL import Image
 
-    from library.models import StableDiffusionModel
-    from library.text_encoding import PromptEncoder
+    from library.models.loading import StableDiffusionModel
+    from library.models.text_encoding import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ def _global_rng_kept(device: torch.device) -> Iterator[None]:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """kohya's sampling flags (names and defaults), plus a check that a trigger has a prompt file."""
-    from library.config import add_validator, positive_int
+    from library.cli.config import add_validator, positive_int
 
     group = parser.add_argument_group("sampling")
     group.add_argument("--sample_prompts", type=str, default=None,

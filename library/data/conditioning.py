@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from library.config import add_validator, non_negative_int
+from library.cli.config import add_validator, non_negative_int
 
 EDGE_THRESHOLD = 127  # a pixel of an edge-map image with gray value above this is an edge
 

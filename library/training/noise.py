@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from library.config import add_validator
+from library.cli.config import add_validator
 
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 LOSS_TYPES: tuple[str, ...] = ("l2", "l1", "huber", "smooth_l1")

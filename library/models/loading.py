@@ -24,10 +24,10 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library import ldm_layout
-from library.clip_tokenizer import PAD_WITH_EXCLAMATION, build_clip_tokenizer
-from library.families import FAMILIES, Family, FamilyName, resolve_family, standard_configs
-from library.safetensors_io import atomic_save_folder, atomic_save_safetensors, read_safetensors_metadata
+from library.models import ldm_layout
+from library.models.clip_tokenizer import PAD_WITH_EXCLAMATION, build_clip_tokenizer
+from library.models.families import FAMILIES, Family, FamilyName, resolve_family, standard_configs
+from library.io import atomic_save_folder, atomic_save_safetensors, read_safetensors_metadata
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
 # Written into single files we save, so they convert back to the identical folder with no flags.
@@ -181,7 +181,7 @@ def _copy_in_dtype(model: StableDiffusionModel, dtype: torch.dtype) -> StableDif
 
 def _write_slow_tokenizer_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
     """vocab.json + merges.txt beside tokenizer.json, so older transformers releases load the folder too."""
-    from library.clip_tokenizer import clip_vocab_and_merges
+    from library.models.clip_tokenizer import clip_vocab_and_merges
 
     vocab, merges = clip_vocab_and_merges()
     if len(tokenizer) != len(vocab):
@@ -412,7 +412,7 @@ def save_single_file(model: StableDiffusionModel, path: str | os.PathLike, dtype
     if path.suffix == ".safetensors":
         atomic_save_safetensors(state_dict, path, meta)
     else:
-        from library.safetensors_io import atomic_torch_save
+        from library.io import atomic_torch_save
 
         atomic_torch_save({"state_dict": state_dict, **meta}, path)
 

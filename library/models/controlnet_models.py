@@ -29,10 +29,10 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from library import ldm_layout
-from library.families import Family, resolve_family, standard_configs
-from library.models import ModelLoadError, is_single_file, read_checkpoint
-from library.safetensors_io import atomic_save_folder, atomic_save_safetensors, atomic_torch_save
+from library.models import ldm_layout
+from library.models.families import Family, resolve_family, standard_configs
+from library.models.loading import ModelLoadError, is_single_file, read_checkpoint
+from library.io import atomic_save_folder, atomic_save_safetensors, atomic_torch_save
 
 # Written into single files we save: the ControlNetModel config, so the file rebuilds with no flags.
 CONTROLNET_CONFIG_METADATA_KEY = "sdtrainer.controlnet_config"

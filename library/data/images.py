@@ -66,9 +66,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from library.buckets import Size, cover_resize, crop_box, crop_top_left
-from library.metadata import IMAGE_EXTENSIONS  # one list for every reader of image folders
-from library.safetensors_io import atomic_write_file
+from library.data.buckets import Size, cover_resize, crop_box, crop_top_left
+from library.data.metadata import IMAGE_EXTENSIONS  # one list for every reader of image folders
+from library.io import atomic_write_file
 
 RESAMPLE = Image.Resampling.LANCZOS
 HUE_JITTER_DEGREES = 8.0

@@ -52,7 +52,7 @@ from accelerate.utils import (
 )
 from torch import nn
 
-from library.config import add_validator
+from library.cli.config import add_validator
 
 DEEPSPEED_INSTALL = "DS_BUILD_OPS=0 pip install deepspeed"
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)

@@ -11,8 +11,8 @@ import argparse
 import importlib.util
 from typing import Callable
 
-from library import optim, sampling
-from library.accelerate_utils import DEEPSPEED_INSTALL, check_xformers, resolve_log_with
+from library.training import optim, sampling
+from library.training.accelerate_utils import DEEPSPEED_INSTALL, check_xformers, resolve_log_with
 
 
 class StartupCheckError(RuntimeError):

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from library import noise as noise_lib
-from library.optim import is_schedule_free
-from library.checkpoints import SaveSettings, TrainState, outdated_epoch_names, outdated_step_names, remove_paths
-from library.train_state_io import state_before_divergence
-from library.output_checks import raise_save_failure, save_failure, save_failures
-from library.text_encoding import EncodedPrompts, PromptEncoder
+from library.training import noise as noise_lib
+from library.training.optim import is_schedule_free
+from library.training.checkpoints import SaveSettings, TrainState, outdated_epoch_names, outdated_step_names, remove_paths
+from library.training.train_state_io import state_before_divergence
+from library.training.output_checks import raise_save_failure, save_failure, save_failures
+from library.models.text_encoding import EncodedPrompts, PromptEncoder
 
 
 class TrainingStopped(RuntimeError):

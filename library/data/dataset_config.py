@@ -24,8 +24,8 @@ from typing import Any, Literal, NamedTuple
 
 import toml
 
-from library.captions import CaptionOptions
-from library.metadata import IMAGE_EXTENSIONS
+from library.data.captions import CaptionOptions
+from library.data.metadata import IMAGE_EXTENSIONS
 
 DatasetKind = Literal["dreambooth", "finetuning", "controlnet"]
 

@@ -59,8 +59,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from library.config import add_validator
-from library.optim import (
+from library.cli.config import add_validator
+from library.training.optim import (
     OptimizerSettings,
     build_optimizer,
     build_scheduler,
@@ -275,7 +275,7 @@ _MULTI_PROCESS_MESSAGE = ("--fused_backward_pass works in a single process only:
 
 def build_fused_optimizer_and_scheduler(settings: OptimizerSettings, params: Iterable[Any], max_train_steps: int,
                                         max_grad_norm: float = 0.0) -> tuple[FusedBackwardOptimizer, Any, str]:
-    """library.optim.build_optimizer_and_scheduler, with the scheduler built on the fused facade.
+    """library.training.optim.build_optimizer_and_scheduler, with the scheduler built on the fused facade.
 
     The scheduler must see the facade (whose `step()` the loop calls) rather than the wrapped optimizer,
     or torch warns that `lr_scheduler.step()` ran before `optimizer.step()`. One process only, so

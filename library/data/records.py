@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from library.buckets import BucketAssignment, BucketSet, Size, cover_resize, make_bucket_set
-from library.dataset_config import DatasetConfig, SubsetConfig
-from library.captions import build_prompt
-from library.images import (
+from library.data.buckets import BucketAssignment, BucketSet, Size, cover_resize, make_bucket_set
+from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.data.captions import build_prompt
+from library.data.images import (
     IMAGE_EXTENSIONS,
     VerifiedImages,
     default_verified_cache_dir,
@@ -693,7 +693,7 @@ def long_caption_notice(records: Sequence[ImageRecord], max_token_length: int) -
     prompt each record trains on, dropout and warm-up off. None when all fit or the tokenizer is missing.
     """
     try:
-        from library.clip_tokenizer import build_clip_tokenizer
+        from library.models.clip_tokenizer import build_clip_tokenizer
 
         tokenizer = build_clip_tokenizer(model_max_length=1 << 30)  # no "longer than 77" warning of its own
     except Exception as error:  # open-clip-torch missing: the check is a courtesy, not a requirement

@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from library.clip_tokenizer import EOS_ID
-from library.families import FamilyName
+from library.models.clip_tokenizer import EOS_ID
+from library.models.families import FamilyName
 
 CHUNK_TOKENS = 75  # caption tokens per 77-position CLIP window
 CHUNK_LENGTH = CHUNK_TOKENS + 2

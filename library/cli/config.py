@@ -26,7 +26,7 @@ from typing import Any
 
 import toml
 
-from library.captions import CAPTION_TAG_MODES
+from library.data.captions import CAPTION_TAG_MODES
 
 # A validator looks at the merged namespace and returns an error message (naming the flags involved as
 # `--flag`) or None when the values are fine.

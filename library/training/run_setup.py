@@ -15,28 +15,29 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from library import dataset_caching, sampling
-from library.buckets import BucketBatchSampler
-from library.dataset_config import DatasetConfig, load_dataset_configs
-from library.datasets import KeyedBatchSampler, TrainingDataset, build_bucket_sampler_inputs, collate_samples
-from library.models import StableDiffusionModel, detect_model_family
-from library.records import DatasetIndex, load_dataset_index, split_for_validation
+from library.cache import dataset_caching
+from library.training import sampling
+from library.data.buckets import BucketBatchSampler
+from library.data.dataset_config import DatasetConfig, load_dataset_configs
+from library.data.datasets import KeyedBatchSampler, TrainingDataset, build_bucket_sampler_inputs, collate_samples
+from library.models.loading import StableDiffusionModel, detect_model_family
+from library.data.records import DatasetIndex, load_dataset_index, split_for_validation
 
 SDXL_BUCKET_STEP, SD_BUCKET_STEP = 32, 64
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's files or flags: reported as one line, not a traceback."""
-    from library.cache import LatentEncodingError
-    from library.dataset_caching import NotCacheableError
-    from library.dataset_config import DatasetConfigError
-    from library.models import ModelLoadError
-    from library.output_checks import OutputError
-    from library.preflight import StartupCheckError
-    from library.records import DatasetProblems
-    from library.sampling import SamplePromptError
-    from library.training import TrainingStopped
-    from library.checkpoints import StateError
+    from library.cache.storage import LatentEncodingError
+    from library.cache.dataset_caching import NotCacheableError
+    from library.data.dataset_config import DatasetConfigError
+    from library.models.loading import ModelLoadError
+    from library.training.output_checks import OutputError
+    from library.cli.preflight import StartupCheckError
+    from library.data.records import DatasetProblems
+    from library.training.sampling import SamplePromptError
+    from library.training.loop import TrainingStopped
+    from library.training.checkpoints import StateError
 
     return (OutputError, DatasetConfigError, DatasetProblems, NotCacheableError, ModelLoadError, SamplePromptError,
             LatentEncodingError, TrainingStopped, FileNotFoundError, StartupCheckError, StateError,
@@ -45,8 +46,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def _data_errors() -> tuple[type[BaseException], ...]:
     """A data file that breaks after the start-up check, or a cache folder that cannot be written."""
-    from library.cache import CacheFileError
-    from library.images import ImageReadError
+    from library.cache.storage import CacheFileError
+    from library.data.images import ImageReadError
 
     return ImageReadError, CacheFileError
 
@@ -61,7 +62,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 def peek_family(args: argparse.Namespace) -> str | None:
     """The model family without loading weights (folder config or safetensors header), to check data first."""
     if getattr(args, "family", None):
-        from library.families import resolve_family
+        from library.models.families import resolve_family
 
         return resolve_family(args.family).name
     return detect_model_family(str(args.pretrained_model_name_or_path or ""))
@@ -147,7 +148,7 @@ def build_training_data(args: argparse.Namespace, support: set[str] | None = Non
     min_step = SDXL_BUCKET_STEP if family in (None, "sdxl") else SD_BUCKET_STEP
     datasets = load_dataset_configs(args, support)
     if getattr(args, "masked_loss", False) and not any(s.alpha_mask for d in datasets for s in d.subsets):
-        from library.dataset_config import DatasetConfigError
+        from library.data.dataset_config import DatasetConfigError
 
         raise DatasetConfigError("--masked_loss weights the loss by each image's alpha channel, but no subset loads "
                                  "it: add --alpha_mask (or alpha_mask = true in the dataset config)")

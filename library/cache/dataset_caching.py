@@ -53,8 +53,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from library.buckets import Size
-from library.cache import (
+from library.data.buckets import Size
+from library.cache.storage import (
     CacheStatus,
     LatentFillResult,
     LatentJob,
@@ -65,11 +65,11 @@ from library.cache import (
     latent_cache_path,
     text_encoder_cache_identity,
 )
-from library.captions import CaptionOptions, build_prompt, is_caption_random, merge_caption_and_tags
-from library.dataset_config import DatasetConfig
-from library.images import CropPlan, ImageReadError, apply_crop_plan, load_image, mask_to_tensor, plan_crop, to_tensor
-from library.records import DatasetIndex, ImageRecord
-from library.text_encoding import PromptEncoder
+from library.data.captions import CaptionOptions, build_prompt, is_caption_random, merge_caption_and_tags
+from library.data.dataset_config import DatasetConfig
+from library.data.images import CropPlan, ImageReadError, apply_crop_plan, load_image, mask_to_tensor, plan_crop, to_tensor
+from library.data.records import DatasetIndex, ImageRecord
+from library.models.text_encoding import PromptEncoder
 
 
 CacheMode = Literal["disk", "run"]

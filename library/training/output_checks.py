@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from library.checkpoints import SINGLE_FILE_FORMATS, STATE_SUFFIX, SaveSettings, TrainState, latest_state_folder
-from library.safetensors_io import FOLDER_TEMP_SUFFIX
+from library.training.checkpoints import SINGLE_FILE_FORMATS, STATE_SUFFIX, SaveSettings, TrainState, latest_state_folder
+from library.io import FOLDER_TEMP_SUFFIX
 
 OVERWRITE_FLAG = "--overwrite"
 # AdamW keeps two fp32 moments per trained parameter
@@ -98,7 +98,7 @@ def check_output_dir(output_dir: Path) -> None:
 def planned_extension(args: argparse.Namespace) -> str:
     """The saved model's suffix ("" for a diffusers folder), as the scripts choose it: --save_model_as, else the
     input's format (train_sdxl; train_network and train_controlnet default to safetensors)."""
-    from library.models import is_single_file
+    from library.models.loading import is_single_file
 
     fmt = args.save_model_as
     if not fmt:

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from library.config import add_validator
+from library.cli.config import add_validator
 
 logger = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from library.cache import CachedLatents, TextEncoderOutputCache, load_cached_latents
-from library.captions import build_prompt
-from library.dataset_caching import LatentCacheLocation, raise_if_not_cacheable
-from library.dataset_config import DatasetConfigError
-from library.images import (
+from library.cache.storage import CachedLatents, TextEncoderOutputCache, load_cached_latents
+from library.data.captions import build_prompt
+from library.cache.dataset_caching import LatentCacheLocation, raise_if_not_cacheable
+from library.data.dataset_config import DatasetConfigError
+from library.data.images import (
     CropPlan,
     apply_crop_plan,
     color_jitter,
@@ -50,7 +50,7 @@ from library.images import (
     plan_crop,
     to_tensor,
 )
-from library.records import DatasetIndex, ImageRecord
+from library.data.records import DatasetIndex, ImageRecord
 
 logger = logging.getLogger(__name__)
 

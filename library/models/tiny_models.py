@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from library.families import resolve_family, tiny_configs
-from library.models import StableDiffusionModel, build_model, save_diffusers
+from library.models.families import resolve_family, tiny_configs
+from library.models.loading import StableDiffusionModel, build_model, save_diffusers
 
 
 def build_tiny_model(family: str, seed: int = 0) -> StableDiffusionModel:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from library.ldm_layout import unet_table
+from library.models.ldm_layout import unet_table
 
 NUM_BLOCKS = 23
 

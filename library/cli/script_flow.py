@@ -20,13 +20,14 @@ from typing import Any, Callable
 
 import torch
 
-from library import accelerate_utils, config, noise, optim, sampling, validation
-from library.checkpoints import SaveSettings, TrainState
-from library.train_state_io import TrainingStateIO, prepare_resume, run_settings
-from library.models import StableDiffusionModel, load_model
-from library.output_checks import check_outputs, warn_if_disk_short
-from library.preflight import check_run_can_start
-from library.run_setup import (
+from library.training import accelerate_utils, noise, optim, sampling, validation
+from library.cli import config
+from library.training.checkpoints import SaveSettings, TrainState
+from library.training.train_state_io import TrainingStateIO, prepare_resume, run_settings
+from library.models.loading import StableDiffusionModel, load_model
+from library.training.output_checks import check_outputs, warn_if_disk_short
+from library.cli.preflight import check_run_can_start
+from library.training.run_setup import (
     TrainingData,
     apply_attention_backend,
     attach_sampling,
@@ -38,8 +39,8 @@ from library.run_setup import (
     start_logging,
     user_errors,
 )
-from library.text_encoding import PromptEncoder
-from library.training import Trainee, TrainingPlan, TrainingRun, make_plan, train
+from library.models.text_encoding import PromptEncoder
+from library.training.loop import Trainee, TrainingPlan, TrainingRun, make_plan, train
 
 
 ArgumentAdder = Callable[[argparse.ArgumentParser], None]
@@ -101,7 +102,7 @@ def open_session(args: argparse.Namespace, support: set[str] | None = None,
     model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
                        prediction_type="v_prediction" if args.v_parameterization else None)
     if required_family is not None and model.family.name != required_family:
-        from library.models import ModelLoadError
+        from library.models.loading import ModelLoadError
 
         raise ModelLoadError(f"{args.pretrained_model_name_or_path} is an {model.family.name} model; this script trains "
                              f"{required_family} models only")

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from library import noise as noise_lib
-from library.buckets import BucketBatchSampler
-from library.dataset_config import DatasetConfigError
-from library.datasets import KeyedBatchSampler, TrainingDataset, build_bucket_sampler_inputs, collate_samples
-from library.records import DatasetIndex
-from library.training import TrainingRun, batch_loss
+from library.training import noise as noise_lib
+from library.data.buckets import BucketBatchSampler
+from library.data.dataset_config import DatasetConfigError
+from library.data.datasets import KeyedBatchSampler, TrainingDataset, build_bucket_sampler_inputs, collate_samples
+from library.data.records import DatasetIndex
+from library.training.loop import TrainingRun, batch_loss
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
 VALIDATION_EPOCH = 1  # one fixed epoch: the same crops, flips and captions at every evaluation

@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from library.checkpoints import STATE_SUFFIX, TRAIN_STATE_FILE, StateError, TrainState, latest_state_folder
-from library.safetensors_io import FOLDER_TEMP_SUFFIX, atomic_save_safetensors, replace_path
+from library.training.checkpoints import STATE_SUFFIX, TRAIN_STATE_FILE, StateError, TrainState, latest_state_folder
+from library.io import FOLDER_TEMP_SUFFIX, atomic_save_safetensors, replace_path
 
 FORMAT = "safetensors-json-1"
 DEEPSPEED_FORMAT = "deepspeed-1"
@@ -505,7 +505,7 @@ def prepare_resume(args: argparse.Namespace, printer: Any = print) -> TrainState
 
 
 def _unwrap(accelerator: Any, module: nn.Module) -> nn.Module:
-    from library.accelerate_utils import unwrap
+    from library.training.accelerate_utils import unwrap
 
     return unwrap(accelerator, module)
 

@@ -59,8 +59,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from library.safetensors_io import atomic_write_file
-from library.text_encoding import EncodedPrompts, PromptEncoder
+from library.io import atomic_write_file
+from library.models.text_encoding import EncodedPrompts, PromptEncoder
 
 LATENT_CACHE_FORMAT = 1
 TE_CACHE_FORMAT = 1
@@ -176,7 +176,7 @@ class CacheFileError(ValueError):
     (deleted or damaged after the start-up check, or trusted with --skip_cache_check); names the file."""
 
     def __str__(self) -> str:
-        from library.images import worker_message
+        from library.data.images import worker_message
 
         return worker_message(super().__str__())
 

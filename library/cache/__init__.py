@@ -1,0 +1,1 @@
+"""Latent and text-encoder caches on disk: storage formats and filling them."""
