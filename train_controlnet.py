@@ -17,7 +17,7 @@ import contextlib
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 import torch
@@ -26,11 +26,14 @@ from torch import nn
 
 from library.data import conditioning
 from library.cli import config
+from library.cli.data_args import add_conditioning_arguments, filter_from_args
+from library.cli.training_args import add_saving_arguments
 from library.cli import script_flow
 from library.models.controlnet_models import create_controlnet, load_controlnet, save_controlnet
 from library.training.checkpoints import SINGLE_FILE_FORMATS
 from library.models.loading import StableDiffusionModel, save_single_file
-from library.models.text_encoding import EncodedPrompts
+from library.data.datasets import Batch
+from library.training.loop import Callback
 
 def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("controlnet")
@@ -50,9 +53,9 @@ def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     return script_flow.build_script_parser(
-        __doc__, 1e-5, partial(config.add_saving_arguments, model_formats=("safetensors", "ckpt", "diffusers"),
+        __doc__, 1e-5, partial(add_saving_arguments, model_formats=("safetensors", "ckpt", "diffusers"),
                                default_model_format="safetensors"),
-        add_controlnet_arguments, conditioning.add_conditioning_arguments)
+        add_controlnet_arguments, add_conditioning_arguments)
 
 
 def unet_decoder_parameters(unet: nn.Module) -> list[nn.Parameter]:
@@ -94,26 +97,24 @@ class ControlNetTrainee:
         self.controlnet.train(training)
         self.model.unet.train(training and self.train_unet_decoder)
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: EncodedPrompts,
-                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: dict[str, Any]) -> torch.Tensor:
-        dtype = noisy_latents.dtype
-        hidden = text.hidden_states.to(dtype)
-        added = {k: v.to(dtype) for k, v in (added_cond_kwargs or {}).items()} or None
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        dtype = noisy_latents.dtype  # the weight dtype: the residuals join the UNet in it
         # diffusers' ControlNets take the condition in [0, 1]; the dataset gives [-1, 1]. Dropout makes it black.
-        condition = (batch["conditioning_pixel_values"].to(noisy_latents.device, torch.float32) + 1) / 2
+        if batch.conditioning_pixel_values is None:
+            raise ValueError("ControlNet training needs a conditioning image for every sample")
+        condition = (batch.conditioning_pixel_values.to(noisy_latents.device, torch.float32) + 1) / 2
         if self.dropout_rate and self.controlnet.training:
             condition = conditioning.apply_conditioning_dropout(condition, self.dropout_rate, fill=0.0)
-        down, mid = self.forward_controlnet(noisy_latents, timesteps, encoder_hidden_states=hidden,
+        down, mid = self.forward_controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
                                             controlnet_cond=condition.to(dtype), conditioning_scale=self.conditioning_scale,
-                                            added_cond_kwargs=added, return_dict=False)
+                                            added_cond_kwargs=added_cond_kwargs, return_dict=False)
         if self.only_mid_control:
             down = [torch.zeros_like(d) for d in down]
-        return self.forward_unet(noisy_latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added,
+        return self.forward_unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs,
                                  down_block_additional_residuals=[d.to(dtype) for d in down],
                                  mid_block_additional_residual=mid.to(dtype)).sample
-
-    def after_step(self, global_step: int) -> None:
-        pass
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -146,10 +147,11 @@ def fidelity_metrics(fidelity_filter: Any, tolerance: int):
     return measure
 
 
-def train_controlnet(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def train_controlnet(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
+                     callbacks: Sequence[Callback] = ()) -> int:
     if not args.output_dir:
         parser.error("--output_dir is required")
-    conditioning_filter = conditioning.filter_from_args(args)
+    conditioning_filter = filter_from_args(args)
     if conditioning_filter is None and not (args.conditioning_data_dir or args.in_json or args.dataset_config):
         parser.error("give the conditioning images: --conditioning_data_dir DIR, --in_json prompt.json, "
                      "a dataset config with conditioning_data_dir, or --conditioning_filter canny")
@@ -187,13 +189,16 @@ def train_controlnet(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                                 args.conditioning_scale, args.conditioning_dropout_rate, save_format, session.save_dtype)
     fidelity_filter = conditioning.make_filter(args.fidelity_filter, []) if args.fidelity_filter else conditioning_filter
     metrics = fidelity_metrics(fidelity_filter, args.control_fidelity_tolerance) if fidelity_filter else None
-    return script_flow.run_training(session, pipeline, trainee, optimizer, lr_scheduler, description,
-                                    SINGLE_FILE_FORMATS.get(save_format, ""), "controlnet_train",
-                                    sampling_controlnet=controlnet, sample_metrics=metrics)
+    return script_flow.run_training(session, pipeline, trainee, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                    optimizer_description=description,
+                                    save_extension=SINGLE_FILE_FORMATS.get(save_format, ""),
+                                    project_name="controlnet_train", sampling_controlnet=controlnet,
+                                    sample_metrics=metrics, callbacks=callbacks)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_flow.run_main(build_parser(), train_controlnet, argv)
+def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -> int:
+    """``callbacks`` hook into the loop (tests, benchmarks): see library.training.loop.Callback."""
+    return script_flow.run_main(build_parser(), partial(train_controlnet, callbacks=callbacks), argv)
 
 
 if __name__ == "__main__":

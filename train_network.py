@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 import torch
 from torch import nn
 
+from library.adapters.errors import NetworkArgumentError
+from library.adapters.network_args import parse_network_args
 from library.cli import config
+from library.cli.training_args import add_saving_arguments, metadata_flags_from_args
 from library.cli import script_flow
-from library.models.text_encoding import EncodedPrompts
+from library.data.datasets import Batch
+from library.training.loop import Callback
 from library.training.training_metadata import per_save_metadata, tag_frequency, training_metadata
+from networks.plugin import NetworkModule, NetworkOptions, build_network, import_network_module
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("network")
@@ -49,18 +53,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     return script_flow.build_script_parser(
         __doc__, 1e-4,
-        partial(config.add_saving_arguments, model_formats=("safetensors", "ckpt", "pt"), default_model_format="safetensors"),
+        partial(add_saving_arguments, model_formats=("safetensors", "ckpt", "pt"), default_model_format="safetensors"),
         add_network_arguments)
-
-
-def parse_network_args(items: list[str] | None) -> dict[str, str]:
-    result = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--network_args {item!r}: expected key=value")
-        result[key.strip()] = value.strip()
-    return result
 
 
 class LoraUNet(nn.Module):
@@ -109,60 +103,47 @@ class LoraTrainee:
         for module in [self.unet, *(self.text_encoders if self.trains_text_encoder else [])]:
             module.train(training and self.gradient_checkpointing)
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: EncodedPrompts,
-                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: dict[str, Any]) -> torch.Tensor:
-        hidden = text.hidden_states.to(noisy_latents.dtype)
-        if added_cond_kwargs is not None:
-            added_cond_kwargs = {k: v.to(noisy_latents.dtype) for k, v in added_cond_kwargs.items()}
-        return self.forward_model(noisy_latents, timesteps, encoder_hidden_states=hidden,
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        return self.forward_model(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
                                   added_cond_kwargs=added_cond_kwargs).sample
-
-    def after_step(self, global_step: int) -> None:
-        pass
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def save(self, path: Path, step: int, epoch: int) -> None:
         metadata = per_save_metadata(self.metadata, step, epoch, self.minimal_metadata)
+        path.parent.mkdir(parents=True, exist_ok=True)  # kohya-style networks write with save_file, no mkdir
         self.network.save_weights(str(path), self.save_dtype, None if path.suffix != ".safetensors" else metadata)
 
 
-def create_network(args: argparse.Namespace, model: Any, module: Any) -> nn.Module:
-    kwargs = parse_network_args(args.network_args)
-    if args.network_weights and args.dim_from_weights:
-        create = module.create_network_from_weights
-        network, _ = create(1.0, args.network_weights, model.vae, model.text_encoders, model.unet,
-                            **_clip_skip_kwarg(create, args), **kwargs)
-        return network
-    network = module.create_network(1.0, args.network_dim or 4, args.network_alpha, model.vae, model.text_encoders,
-                                    model.unet, neuron_dropout=args.network_dropout,
-                                    **_clip_skip_kwarg(module.create_network, args), **kwargs)
-    return network
+def network_options_from_args(args: argparse.Namespace) -> NetworkOptions:
+    return NetworkOptions(network_dim=args.network_dim, network_alpha=args.network_alpha,
+                          network_dropout=args.network_dropout, network_args=parse_network_args(args.network_args),
+                          network_weights=args.network_weights, dim_from_weights=args.dim_from_weights,
+                          clip_skip=args.clip_skip)
 
 
-def _clip_skip_kwarg(create: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """``clip_skip`` for network modules that take it (ours: no modules on text-encoder layers the loss never
-    sees, which DDP would stop on); kohya's plug-in signature has no such argument, so others get nothing."""
-    import inspect
-
-    return {"clip_skip": args.clip_skip} if "clip_skip" in inspect.signature(create).parameters else {}
+def create_network(args: argparse.Namespace, model: Any, module: NetworkModule) -> nn.Module:
+    """The network ``module`` (a ``--network_module``) builds for ``model``, through kohya's plug-in API."""
+    return build_network(module, options=network_options_from_args(args), vae=model.vae,
+                         text_encoders=model.text_encoders, unet=model.unet)
 
 
 def check_network_flags(args: argparse.Namespace) -> None:
     """Flag values no network can use, refused before the model is loaded."""
-    from networks.lora import NetworkArgumentError
-
     if args.network_dim is not None and args.network_dim < 1:
         raise NetworkArgumentError(f"--network_dim must be at least 1 (got {args.network_dim}): it is the LoRA rank, "
                                    "e.g. --network_dim 16")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_flow.run_main(build_parser(), train_network, argv)
+def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -> int:
+    """``callbacks`` hook into the loop (tests, benchmarks): see library.training.loop.Callback."""
+    return script_flow.run_main(build_parser(), partial(train_network, callbacks=callbacks), argv)
 
 
-def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
+                  callbacks: Sequence[Callback] = ()) -> int:
     if not args.output_dir:
         parser.error("--output_dir is required")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
@@ -175,7 +156,7 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     session = script_flow.open_session(args)
     model, accelerator = session.model, session.accelerator
 
-    network = create_network(args, model, importlib.import_module(args.network_module))
+    network = create_network(args, model, import_network_module(args.network_module))
     network.apply_to(model.text_encoders, model.unet, train_text_encoder, train_unet)
     if args.network_weights and not args.dim_from_weights:
         info = network.load_weights(args.network_weights)
@@ -192,24 +173,30 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     params, _ = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
     optimizer, lr_scheduler, optimizer_description = script_flow.build_optimizer(session, params, plan)
     base_metadata = training_metadata(
-        args, family=model.family.name, session_id=None, started_at=time.time(), num_train_images=data.num_images,
+        metadata_flags_from_args(args), family=model.family, session_id=None, started_at=time.time(), num_train_images=data.num_images,
         num_reg_images=data.num_reg_images, batches_per_epoch=plan.batches_per_epoch_per_process,
         num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, optimizer_description=optimizer_description,
         network_args=parse_network_args(args.network_args), dataset_summary=data.summary_for_metadata(),
         tag_freq=tag_frequency(data.caption_sources()), bucket_info=data.bucket_info(), resolution=data.resolution)
     trainee = LoraTrainee(network, model.unet, model.text_encoders, train_text_encoder, args.gradient_checkpointing,
                           session.save_dtype, base_metadata, args.no_metadata)
-    extra_logs = (lambda: _max_norm_logs(network, args.scale_weight_norms, accelerator.device)) \
-        if args.scale_weight_norms else None
+    own = [MaxNormRegularisation(network, args.scale_weight_norms, accelerator.device)] if args.scale_weight_norms else []
     extension = "." + (args.save_model_as or "safetensors")
-    return script_flow.run_training(session, pipeline, trainee, optimizer, lr_scheduler, optimizer_description,
-                                    extension, "network_train", extra_logs)
+    return script_flow.run_training(session, pipeline, trainee, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                    optimizer_description=optimizer_description, save_extension=extension,
+                                    project_name="network_train", callbacks=[*own, *callbacks])
 
 
-def _max_norm_logs(network: Any, max_norm: float, device: torch.device) -> dict[str, float]:
-    keys_scaled, mean_norm, maximum_norm = network.apply_max_norm_regularization(max_norm, device)
-    return {"max_norm/keys_scaled": float(keys_scaled), "max_norm/average_key_norm": float(mean_norm),
-            "max_norm/max_key_norm": float(maximum_norm)}
+class MaxNormRegularisation(Callback):
+    """--scale_weight_norms: after every optimizer step, scale LoRA weights whose norm exceeds the limit."""
+
+    def __init__(self, network: Any, max_norm: float, device: torch.device) -> None:
+        self.network, self.max_norm, self.device = network, max_norm, device
+
+    def after_optimizer_step(self, run: Any, state: Any) -> dict[str, float]:
+        keys_scaled, mean_norm, maximum_norm = self.network.apply_max_norm_regularization(self.max_norm, self.device)
+        return {"max_norm/keys_scaled": float(keys_scaled), "max_norm/average_key_norm": float(mean_norm),
+                "max_norm/max_key_norm": float(maximum_norm)}
 
 
 if __name__ == "__main__":

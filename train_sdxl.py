@@ -14,20 +14,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 import torch
 from torch import nn
 
 from library.cli import config
-from library.training import ema, fused_backward, optim
+from library.cli.optim_args import (
+    add_ema_arguments,
+    add_fused_backward_arguments,
+    check_block_lr_flag,
+    ema_settings_from_args,
+    optimizer_settings_from_args,
+)
+from library.cli.training_args import add_saving_arguments
+from library.training import ema, fused_backward
 from library.cli import script_flow
 from library.training.checkpoints import SINGLE_FILE_FORMATS
+from library.models.families import SDXL
 from library.models.loading import StableDiffusionModel, is_single_file, save_diffusers, save_single_file
-from library.models.sdxl_blocks import block_param_groups, check_block_lr_flag, parse_block_lr
-from library.models.text_encoding import EncodedPrompts, PromptEncoder
+from library.models.sdxl_blocks import block_param_groups, parse_block_lr
+from library.data.datasets import Batch
+from library.training.callbacks import EmaUpdate
+from library.training.loop import Callback
 
 def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sdxl fine-tuning")
@@ -43,8 +55,8 @@ def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return script_flow.build_script_parser(__doc__, 1e-6, config.add_saving_arguments, add_sdxl_arguments,
-                                           ema.add_ema_arguments, fused_backward.add_fused_backward_arguments)
+    return script_flow.build_script_parser(__doc__, 1e-6, add_saving_arguments, add_sdxl_arguments,
+                                           add_ema_arguments, add_fused_backward_arguments)
 
 
 def freeze_unused_text_encoder_1_layers(text_encoder: nn.Module) -> None:
@@ -57,12 +69,11 @@ def freeze_unused_text_encoder_1_layers(text_encoder: nn.Module) -> None:
 class FullModelTrainee:
     """The UNet and/or text encoders themselves train; saved as a whole model."""
 
-    def __init__(self, model: StableDiffusionModel, trained: dict[str, nn.Module], prompt_encoder: PromptEncoder,
-                 gradient_checkpointing: bool, save_format: str, save_dtype: torch.dtype | None,
+    def __init__(self, model: StableDiffusionModel, trained: dict[str, nn.Module], *, gradient_checkpointing: bool,
+                 save_format: str, save_dtype: torch.dtype | None,
                  averaged: ema.ExponentialMovingAverage | None = None, save_raw_too: bool = False) -> None:
         self.model = model
         self.trained = trained
-        self.prompt_encoder = prompt_encoder
         self.gradient_checkpointing = gradient_checkpointing
         self.save_format = save_format
         self.save_dtype = save_dtype
@@ -75,10 +86,9 @@ class FullModelTrainee:
         return dict(self.trained)
 
     def use_prepared(self, modules: dict[str, nn.Module]) -> None:
+        """Trained text encoders go through their wrappers too: script_flow.through_prepared gives the loop a
+        prompt encoder built on them."""
         self.forward_unet = modules.get("unet", self.model.unet)
-        # Trained text encoders must be called through their DDP wrappers for gradients to be averaged.
-        self.prompt_encoder.text_encoders = [modules.get("text_encoder1", self.model.text_encoders[0]),
-                                             modules.get("text_encoder2", self.model.text_encoders[1])]
 
     def set_train(self, training: bool) -> None:
         for module in self.trained.values():
@@ -86,15 +96,10 @@ class FullModelTrainee:
         if "unet" not in self.trained:  # a frozen UNet only needs train mode for activation checkpointing
             self.model.unet.train(training and self.gradient_checkpointing)
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: EncodedPrompts,
-                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: dict[str, Any]) -> torch.Tensor:
-        hidden = text.hidden_states.to(noisy_latents.dtype)
-        added = {k: v.to(noisy_latents.dtype) for k, v in (added_cond_kwargs or {}).items()}
-        return self.forward_unet(noisy_latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
-
-    def after_step(self, global_step: int) -> None:
-        if self.averaged is not None:
-            self.averaged.maybe_update(global_step)
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        return self.forward_unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs).sample
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         """Samples and validation use the EMA weights when EMA is on."""
@@ -133,7 +138,7 @@ def default_save_format(args: argparse.Namespace) -> str:
     return "safetensors" if is_single_file(args.pretrained_model_name_or_path) else "diffusers_safetensors"
 
 
-def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser, *, callbacks: Sequence[Callback] = ()) -> int:
     if not args.output_dir:
         parser.error("--output_dir is required")
     caching_text = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
@@ -142,7 +147,7 @@ def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                      "a trained text encoder changes its outputs, so the cache would be stale after one step")
     block_lrs = parse_block_lr(args.block_lr) if args.block_lr else None
 
-    session = script_flow.open_session(args, support={"dreambooth", "finetuning"}, required_family="sdxl")
+    session = script_flow.open_session(args, support={"dreambooth", "finetuning"}, required_family=SDXL)
     model = session.model
     trained: dict[str, nn.Module] = {}
     if args.learning_rate != 0 or block_lrs is not None:
@@ -176,25 +181,30 @@ def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     pipeline = script_flow.build_data_pipeline(session)
     if args.fused_backward_pass:  # each parameter steps inside backward: the full set of gradients never exists
         optimizer, lr_scheduler, description = fused_backward.build_fused_optimizer_and_scheduler(
-            optim.optimizer_settings_from_args(args), params, pipeline.plan.max_train_steps, args.max_grad_norm)
+            optimizer_settings_from_args(args), params, pipeline.plan.max_train_steps, args.max_grad_norm)
     else:
         optimizer, lr_scheduler, description = script_flow.build_optimizer(session, params, pipeline.plan)
     save_format = default_save_format(args)
     averaged = None
-    settings = ema.ema_settings_from_args(args)
+    settings = ema_settings_from_args(args)
     if settings is not None:
         named = {f"{name}.{key}": p for name, module in trained.items() for key, p in module.named_parameters()}
         averaged = ema.ExponentialMovingAverage(named, settings)
-    trainee = FullModelTrainee(model, trained, pipeline.prompt_encoder, args.gradient_checkpointing, save_format,
-                               session.save_dtype, averaged, args.save_raw_too)
+    trainee = FullModelTrainee(model, trained, gradient_checkpointing=args.gradient_checkpointing,
+                               save_format=save_format, save_dtype=session.save_dtype, averaged=averaged,
+                               save_raw_too=args.save_raw_too)
     extension = SINGLE_FILE_FORMATS.get(save_format, "")
-    return script_flow.run_training(session, pipeline, trainee, optimizer, lr_scheduler, description, extension,
-                                    "sdxl_finetune", register_for_checkpointing=(averaged,) if averaged else (),
-                                    clip_in_loop=not args.fused_backward_pass)
+    return script_flow.run_training(session, pipeline, trainee, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                    optimizer_description=description, save_extension=extension,
+                                    project_name="sdxl_finetune",
+                                    register_for_checkpointing=(averaged,) if averaged else (),
+                                    clip_in_loop=not args.fused_backward_pass,
+                                    callbacks=[*([EmaUpdate(averaged)] if averaged else []), *callbacks])
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_flow.run_main(build_parser(), train_sdxl, argv)
+def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -> int:
+    """``callbacks`` hook into the loop (tests, benchmarks): see library.training.loop.Callback."""
+    return script_flow.run_main(build_parser(), partial(train_sdxl, callbacks=callbacks), argv)
 
 
 if __name__ == "__main__":

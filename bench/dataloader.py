@@ -5,7 +5,7 @@
 Generates ``--count`` synthetic JPEGs (long side 1024, mixed aspect ratios, smooth content plus noise so
 decoding costs what a photo costs) in a temporary folder, builds a DreamBooth dataset at 1024² with
 buckets (steps 64, SDXL granularity), and times full epochs of
-``DataLoader(TrainingDataset, batch_sampler=KeyedBatchSampler(BucketBatchSampler))`` per worker count.
+``make_loader(TrainingDataset, make_batch_sampler(...))`` (the training script's loader) per worker count.
 Workers are persistent and one warm-up epoch is not timed, so the numbers are steady-state throughput.
 Not run by CI.
 """
@@ -19,18 +19,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader
 
-
-from library.data.buckets import BucketBatchSampler
 from library.data.dataset_config import DatasetConfig, SubsetConfig
-from library.data.datasets import (
-    KeyedBatchSampler,
-    TrainingDataset,
-    build_bucket_sampler_inputs,
-    collate_samples,
-)
-from library.data.records import load_dataset_index
+from library.data.datasets import TrainingDataset, build_bucket_sampler_inputs, make_batch_sampler, make_loader
+from library.data.dataset_index import load_dataset_index
 
 SIZES = [(1024, 1024), (1024, 768), (768, 1024), (1024, 576), (576, 1024), (1024, 832), (832, 1024), (1024, 680)]
 
@@ -54,9 +46,8 @@ def images_per_second(folder: Path, workers: int, epochs: int, batch_size: int, 
                            enable_bucket=True, min_bucket_reso=512, max_bucket_reso=2048, bucket_reso_steps=64)
     index = load_dataset_index([config], min_step=32, verify_images=False)
     inputs = build_bucket_sampler_inputs(index)
-    sampler = KeyedBatchSampler(BucketBatchSampler(inputs.bucket_keys, inputs.batch_size, seed=0))
-    loader = DataLoader(TrainingDataset(index, seed=0), batch_sampler=sampler, collate_fn=collate_samples,
-                        num_workers=workers, persistent_workers=workers > 0)
+    sampler = make_batch_sampler(inputs, seed=0)
+    loader = make_loader(TrainingDataset(index, seed=0), sampler, num_workers=workers, persistent_workers=True)
     images = 0
     start = 0.0
     for epoch in range(1, epochs + 2):
@@ -65,7 +56,7 @@ def images_per_second(folder: Path, workers: int, epochs: int, batch_size: int, 
         sampler.set_epoch(epoch)
         for batch in loader:
             if epoch >= 2:
-                images += batch["pixel_values"].shape[0]
+                images += len(batch)
     return images / (time.perf_counter() - start)
 
 

@@ -62,7 +62,7 @@ def caption(i: int) -> str:
 def write(folder: Path, entries: int, length: int, width: int, pooled_width: int) -> dict:
     import torch
 
-    from library.cache.storage import TextEncoderOutputCache
+    from library.cache.text_encoder_files import TextEncoderOutputCache
     from library.models.text_encoding import EncodedPrompts
 
     generator = torch.Generator().manual_seed(0)
@@ -79,9 +79,8 @@ def write(folder: Path, entries: int, length: int, width: int, pooled_width: int
 
 
 def read(folder: Path, entries: int) -> dict:
-    import torch  # noqa: F401  (imported before the baseline so it is not counted)
 
-    from library.cache.storage import TextEncoderOutputCache
+    from library.cache.text_encoder_files import TextEncoderOutputCache
 
     baseline = rss_bytes()
     start = time.perf_counter()

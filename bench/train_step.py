@@ -9,13 +9,13 @@ and ControlNet (``train_controlnet.py``) training.
                                [--finetune_setups adamw adamw8bit adafactor_fused adamw_ema] [--full_bf16]
                                [--json OUT]  # a GPU
 
-Tiny rows (default): for each family a tiny random diffusers folder (``library.tiny_models.make_tiny_model``)
+Tiny rows (default): for each family a tiny random diffusers folder (``library.models.tiny_models.make_tiny_model``)
 and a shapes dataset (``tools/make_sample_dataset.py``) are written to a temporary folder, and
 ``train_network.main([...])`` trains a LoRA on them for ``warmup + steps`` optimizer steps, in this process,
 with the script's defaults (UNet and text-encoder LoRA, AdamW, fp32, VAE encoding and text encoding every
 step: no caches; no buckets, so every batch is resolution x resolution). The loop itself is not touched:
-``train_network.train`` is wrapped so the ``TrainingRun`` it receives gets an ``extra_logs`` callback, which
-the loop calls once after every optimizer step; the gaps between those calls are the step times (data
+``main(argv, callbacks=[StepClock(...)])`` hands the loop a callback whose ``after_optimizer_step`` hook the
+loop calls once after every optimizer step; the gaps between those calls are the step times (data
 loading, VAE, text encoders, UNet forward/backward, clip, AdamW, scheduler, logging). The first ``warmup``
 gaps are dropped and the median of the rest is reported, so model loading, caching and the final save
 are not counted.
@@ -35,15 +35,13 @@ LoRA weights. That row measures the model step only: no data pipeline, VAE or te
 
 Full fine-tune rows (``--trainers finetune``, ``FINETUNE_SETUPS``): each setup is a list of ``train_sdxl.py``
 flags (optimizer, --gradient_checkpointing, --fused_backward_pass, --use_ema --ema_device cpu). Tiny rows run
-``train_sdxl.main([...])`` on the tiny SDXL folder, timed by the same ``extra_logs`` clock (the loop calls
-``trainee.after_step`` - the EMA update - before ``extra_logs``, so the EMA is inside the step time). UNet only
-unless ``--train_text_encoder``. Why the clock is installed on ``library.script_flow``: both scripts hand the
-run to ``script_flow.run_training``, which calls ``train`` through its own module globals, so that is the name
-to swap (``clocked_train`` also swaps any script module that bound ``train`` itself).
+``train_sdxl.main([...])`` on the tiny SDXL folder, timed by the same clock callback (the script's EMA
+callback comes first in the list the loop calls, so the EMA update is inside the step time). UNet only
+unless ``--train_text_encoder``.
 
 ``--full_size`` fine-tune rows parse the same setup flags with ``train_sdxl``'s parser plus ``--mixed_precision
-bf16 --full_bf16``, and build the optimizer (``library.optim``, or ``library.fused_backward`` for
---fused_backward_pass) and the EMA (``library.ema``) exactly as ``train_sdxl`` does, on the random-init full-size
+bf16 --full_bf16``, and build the optimizer (``library.training.optim``, or ``library.training.fused_backward`` for
+--fused_backward_pass) and the EMA (``library.training.ema``) exactly as ``train_sdxl`` does, on the random-init full-size
 SDXL UNet in bf16. One step: UNet forward under bf16 autocast at 1024 px, MSE, backward (the fused optimizer
 steps inside it), global grad clipping unless fused (fused clips per tensor), optimizer and scheduler step,
 EMA update. Every UNet weight trains. Peak memory is ``torch.cuda.max_memory_allocated``; the bf16 weights
@@ -54,9 +52,9 @@ ControlNet rows (``--trainers controlnet``): tiny rows run ``train_controlnet.ma
 ``--controlnet_families`` on the same shapes dataset, with Canny maps of its images written by ``tools/canny.py``
 (``--train_data_dir images --conditioning_data_dir canny --caption_extension .caption``), at
 ``--controlnet_resolution``, with the script's defaults (a new ControlNet copied from the UNet's encoder, frozen
-UNet, AdamW, lr 1e-5, fp32, no caches), timed by the same ``extra_logs`` clock. ``--checkpointing`` selects
+UNet, AdamW, lr 1e-5, fp32, no caches), timed by the same clock callback. ``--checkpointing`` selects
 ``--gradient_checkpointing``, which train_controlnet applies to the frozen UNet (and text encoders) only, not
-to the ControlNet. ``--full_size`` ControlNet row: ``library.controlnet_models.create_controlnet`` on the
+to the ControlNet. ``--full_size`` ControlNet row: ``library.models.controlnet_models.create_controlnet`` on the
 random-init full-size SDXL UNet (bf16, frozen), and one step is ControlNet forward on a random 1024² condition
 image, UNet forward with its residuals (both under bf16 autocast), MSE, backward, clipping to 1.0 and AdamW on
 the ControlNet. The ControlNet's weights are fp32 as with train_controlnet ``--mixed_precision bf16``, or bf16
@@ -83,6 +81,8 @@ from typing import Any, Callable, Iterator
 
 
 import torch
+
+from library.training.loop import Callback
 
 TINY_FAMILIES = ("sd15", "sd21", "sdxl")
 TINY_CONTROLNET_FAMILIES = ("sd15", "sdxl")
@@ -205,59 +205,28 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
 # tiny rows: the real train_network.py path
 
 
-class StepClock:
-    """Timestamps taken by the loop's ``extra_logs`` callback, i.e. right after each optimizer step."""
+class StepClock(Callback):
+    """A loop callback: a time stamp when training starts and right after each optimizer step."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stamps: list[float] = []
 
-    def wrap(self, previous: Callable[[], dict[str, float]] | None) -> Callable[[], dict[str, float]]:
-        def extra_logs() -> dict[str, float]:
-            logs = previous() if previous is not None else {}
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.stamps.append(time.perf_counter())
-            return logs
+    def _stamp(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
 
-        return extra_logs
+    def on_train_start(self, run: Any, state: Any) -> None:
+        self._stamp()
+
+    def after_optimizer_step(self, run: Any, state: Any) -> dict[str, float]:
+        self._stamp()
+        return {}
 
     def step_times(self) -> list[float]:
-        """Gaps between steps; the first stamp is taken when ``train`` is entered."""
+        """Gaps between steps; the first stamp is taken when training starts."""
         return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-
-
-# Where the loop's ``train`` is looked up: run_training (shared by both scripts) calls it through
-# script_flow's globals; a script that imports ``train`` itself would call its own binding.
-TRAIN_CALLERS = ("library.cli.script_flow", "train_network", "train_sdxl", "train_controlnet")
-
-
-@contextlib.contextmanager
-def clocked_train(clock: StepClock) -> Iterator[None]:
-    """Swap ``library.training.train`` wherever a trainer calls it for a wrapper that installs the clock on
-    the run, then put it back. Fails loudly if nothing was swapped, so the bench cannot silently time nothing."""
-    import importlib
-
-    from library.training import loop as training
-
-    real_train = training.train
-
-    def timed_train(run: Any) -> Any:
-        run.extra_logs = clock.wrap(run.extra_logs)
-        clock.stamps.append(time.perf_counter())
-        return real_train(run)
-
-    swapped = [module for module in map(importlib.import_module, TRAIN_CALLERS)
-               if getattr(module, "train", None) is real_train]
-    if not swapped:
-        raise RuntimeError(f"none of {TRAIN_CALLERS} calls library.training.train: the step clock cannot be installed")
-    for module in swapped:
-        module.train = timed_train
-    try:
-        yield
-    finally:
-        for module in swapped:
-            module.train = real_train
 
 
 def reset_accelerate_state() -> None:
@@ -281,14 +250,14 @@ def train_args(model_dir: Path, data_dir: Path, output_dir: Path, resolution: in
     return args + (["--gradient_checkpointing"] if gradient_checkpointing else [])
 
 
-def timed_main(main: Callable[[list[str]], int], argv: list[str], what: str, warmup: int,
+def timed_main(main: Callable[..., int], argv: list[str], what: str, warmup: int,
                steps: int) -> tuple[list[float], dict[str, Any], torch.device]:
-    """Run a trainer's ``main(argv)`` in this process under the step clock and the peak-memory window."""
+    """Run a trainer's ``main(argv)`` in this process with the step clock callback, in the peak-memory window."""
     reset_accelerate_state()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clock = StepClock(device)
-    with peak_memory(device) as memory, clocked_train(clock):
-        code = main(argv)
+    with peak_memory(device) as memory:
+        code = main(argv, callbacks=[clock])
     reset_accelerate_state()
     if code != 0:
         raise RuntimeError(f"{what}: main exited with {code}")
@@ -437,7 +406,7 @@ def build_full_size_unet(device: torch.device, dtype: torch.dtype) -> torch.nn.M
     """
     from diffusers import UNet2DConditionModel
 
-    from library.models.families import standard_configs
+    from library.models.family_configs import standard_configs
 
     config = {k: v for k, v in standard_configs("sdxl")["unet"].items() if not k.startswith("_")}
     torch.manual_seed(0)
@@ -544,6 +513,7 @@ def full_size_finetune_row(args: argparse.Namespace, setup: FinetuneSetup) -> Ro
     """Every weight of the full-size UNet trains, with train_sdxl's optimizer / fused backward / EMA code."""
     import train_sdxl
     from library.cli import config
+    from library.cli.optim_args import ema_settings_from_args, optimizer_settings_from_args
     from library.training import ema, fused_backward, optim
 
     device = full_size_device(args)
@@ -551,7 +521,7 @@ def full_size_finetune_row(args: argparse.Namespace, setup: FinetuneSetup) -> Ro
     if args.gradient_checkpointing and "--gradient_checkpointing" not in flags:
         flags.append("--gradient_checkpointing")
     parsed = config.parse_args(train_sdxl.build_parser(), flags)  # train_sdxl's defaults: lr 1e-6, max_grad_norm 1
-    settings = optim.optimizer_settings_from_args(parsed)
+    settings = optimizer_settings_from_args(parsed)
     total_steps = args.warmup + args.steps
     dtype = torch.bfloat16
     unet = build_full_size_unet(device, dtype).requires_grad_(True).train()  # --full_bf16: bf16 weights train
@@ -563,7 +533,7 @@ def full_size_finetune_row(args: argparse.Namespace, setup: FinetuneSetup) -> Ro
             settings, params, total_steps, parsed.max_grad_norm)
     else:
         optimizer, scheduler, description = optim.build_optimizer_and_scheduler(settings, params, total_steps)
-    ema_settings = ema.ema_settings_from_args(parsed)
+    ema_settings = ema_settings_from_args(parsed)
     averaged = ema.ExponentialMovingAverage({f"unet.{k}": p for k, p in unet.named_parameters()}, ema_settings) \
         if ema_settings is not None else None
     inputs = random_unet_inputs(unet, args.resolution, args.batch_size, device, dtype)

@@ -25,122 +25,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
-import torch
-from torch import nn
-
-from networks.check_lora_weights import PRECISIONS, LoRAFileError, precision_dtype, refuse_existing
+from library.adapters.errors import LoRAFileError
+from library.adapters.lora_extract import extract_lora_state_dict
+from library.adapters.lora_files import PRECISIONS, precision_dtype, refuse_existing
 
 if TYPE_CHECKING:
-    from library.models.loading import StableDiffusionModel
-
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
-
-
-# --------------------------------------------------------------------------------------------------
-# the maths
-
-
-def signed_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """torch.quantile's linear interpolation, without its limit of 16M elements."""
-    ordered = values.flatten().sort().values
-    position = q * (ordered.numel() - 1)
-    low = int(math.floor(position))
-    high = min(low + 1, ordered.numel() - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def low_rank_factors(diff: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) in LoRA shapes with ``up @ down`` the best rank-``rank`` approximation of ``diff``
-    (S kept on up, as kohya), clamped at the ``clamp_quantile`` quantile of their values (< 1 only)."""
-    out_dim = diff.shape[0]
-    matrix = diff.reshape(out_dim, -1).float()
-    rank = max(1, min(rank, *matrix.shape))
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    up, down = u[:, :rank] * s[:rank], vh[:rank]
-    if clamp_quantile < 1:
-        high = signed_quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
-        up, down = up.clamp(-high, high), down.clamp(-high, high)
-    if diff.dim() == 4:
-        return down.reshape(rank, *diff.shape[1:]), up.reshape(out_dim, rank, 1, 1)
-    return down, up
-
-
-# --------------------------------------------------------------------------------------------------
-# which weights differ
-
-
-def target_weights(model: StableDiffusionModel, conv: bool) -> tuple[list[dict[str, nn.Module]], dict[str, nn.Module]]:
-    """networks.lora's target modules by kohya name: one dict per text encoder, and the UNet's."""
-    from networks.lora import text_encoder_prefixes, text_encoder_targets, unet_targets
-
-    prefixes = text_encoder_prefixes(len(model.text_encoders))
-    tes = [{t.lora_name: t.module for t in text_encoder_targets(te, prefix)}
-           for prefix, te in zip(prefixes, model.text_encoders)]
-    unet = {t.lora_name: t.module for t in unet_targets(model.unet, conv)}
-    return tes, unet
-
-
-def weight_diffs(org: dict[str, nn.Module], tuned: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    if org.keys() != tuned.keys():
-        raise LoRAFileError("the two models have different modules; are they of one architecture?")
-    diffs = {}
-    for name, module in org.items():
-        a, b = module.weight, tuned[name].weight
-        if a.shape != b.shape:
-            raise LoRAFileError(f"{name}: weight shapes {tuple(a.shape)} and {tuple(b.shape)} differ; "
-                                "the models are not of one architecture")
-        diffs[name] = b.detach().float() - a.detach().float()
-    return diffs
-
-
-def extract_lora_state_dict(model_org: StableDiffusionModel, model_tuned: StableDiffusionModel, dim: int,
-                            conv_dim: int | None = None, clamp_quantile: float = 0.99, min_diff: float = 0.01,
-                            device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """kohya-format tensors (down, up, alpha = rank) of the LoRA from ``model_org`` to ``model_tuned``."""
-    tes_o, unet_o = target_weights(model_org, conv_dim is not None)
-    tes_t, unet_t = target_weights(model_tuned, conv_dim is not None)
-    diffs: dict[str, torch.Tensor] = {}
-    for index, (te_o, te_t) in enumerate(zip(tes_o, tes_t)):
-        te_diffs = weight_diffs(te_o, te_t)
-        largest = max((float(d.abs().max()) for d in te_diffs.values()), default=0.0)
-        label = "text encoder" if len(tes_o) == 1 else f"text encoder {index + 1}"
-        if largest > min_diff:
-            print(f"{label} differs (largest change {largest:.3g} > --min_diff {min_diff:g}): extracted")
-            diffs.update(te_diffs)
-        else:
-            print(f"{label} is the same (largest change {largest:.3g} <= --min_diff {min_diff:g}): not extracted")
-    diffs.update(weight_diffs(unet_o, unet_t))
-    state_dict: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, diff in diffs.items():
-            kxk = diff.dim() == 4 and tuple(diff.shape[2:]) != (1, 1)
-            rank = conv_dim if kxk and conv_dim is not None else dim
-            down, up = low_rank_factors(diff.to(device), rank, clamp_quantile)
-            state_dict[f"{name}.lora_down.weight"] = down.cpu().contiguous()
-            state_dict[f"{name}.lora_up.weight"] = up.cpu().contiguous()
-            state_dict[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-    return state_dict
+    from library.models.families import ModelFamily
 
 
 # --------------------------------------------------------------------------------------------------
 # files
 
 
-def extraction_metadata(family: str, dim: int, conv_dim: int | None, v_parameterization: bool, save_to: str,
+def extraction_metadata(family: "ModelFamily", dim: int, conv_dim: int | None, v_parameterization: bool, save_to: str,
                         no_metadata: bool) -> dict[str, str]:
-    from library.training.training_metadata import BASE_MODEL_VERSION
-
     network_args = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))}
     metadata = {
-        "ss_v2": str(family == "sd2"),
-        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_v2": str(family.kohya_v2),
+        "ss_base_model_version": family.base_model_version,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(float(dim)),
@@ -148,7 +55,7 @@ def extraction_metadata(family: str, dim: int, conv_dim: int | None, v_parameter
     }
     if not no_metadata:
         metadata.update({
-            "modelspec.architecture": ARCHITECTURES[family] + "/lora",
+            "modelspec.architecture": family.modelspec_architecture + "/lora",
             "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
             "modelspec.title": Path(save_to).stem,
             "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
@@ -161,12 +68,14 @@ def extract(args: argparse.Namespace) -> int:
     from library.models.loading import load_model
     from networks.lora import create_network_from_weights
 
-    family = "sd2" if args.v2 else "sdxl" if args.sdxl else None
+    from library.models.families import SD2, SDXL
+
+    family = SD2.name if args.v2 else SDXL.name if args.sdxl else None
     print(f"loading original model {args.model_org}")
     model_org = load_model(args.model_org, family=family)
     print(f"loading tuned model {args.model_tuned}")
     model_tuned = load_model(args.model_tuned, family=family)
-    if model_org.family.name != model_tuned.family.name:
+    if model_org.family is not model_tuned.family:
         raise LoRAFileError(f"--model_org is {model_org.family.name} but --model_tuned is {model_tuned.family.name}")
     state_dict = extract_lora_state_dict(model_org, model_tuned, args.dim, args.conv_dim, args.clamp_quantile,
                                          args.min_diff, args.device)
@@ -174,7 +83,7 @@ def extract(args: argparse.Namespace) -> int:
     network, _ = create_network_from_weights(1.0, None, None, model_org.text_encoders, model_org.unet,
                                              weights_sd=state_dict, for_inference=True)
     v_param = args.v_parameterization if args.v_parameterization is not None else model_org.prediction_type == "v_prediction"
-    metadata = extraction_metadata(model_org.family.name, args.dim, args.conv_dim, v_param, args.save_to, args.no_metadata)
+    metadata = extraction_metadata(model_org.family, args.dim, args.conv_dim, v_param, args.save_to, args.no_metadata)
     network.save_weights(args.save_to, precision_dtype(args.save_precision), metadata)
     print(f"extracted {len(network.unet_loras)} UNet and {len(network.text_encoder_loras)} text-encoder modules "
           f"-> {args.save_to}")

@@ -32,7 +32,6 @@ The output is never overwritten. ``--shuffle`` permutes the rank dimension (same
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,10 +40,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from networks.check_lora_weights import (
+from library.adapters.errors import LoRAFileError, LoRAWeightsError
+from library.adapters.lora_merge import merge_lora_modules
+from library.adapters.lora_files import (
     PRECISIONS,
     LoRAFactors,
-    LoRAFileError,
     common_value,
     modules_state_dict,
     precision_dtype,
@@ -56,63 +56,11 @@ from networks.check_lora_weights import (
 if TYPE_CHECKING:
     from library.models.loading import StableDiffusionModel
 
-ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-768-v",
-                 "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
 SINGLE_FILE_OUTPUTS = (".safetensors", ".ckpt")
 
 
 # --------------------------------------------------------------------------------------------------
 # LoRA + LoRA
-
-
-def merge_lora_modules(loras: list[tuple[dict[str, LoRAFactors], float]], concat: bool = False,
-                       shuffle: bool = False) -> dict[str, LoRAFactors]:
-    """One LoRA from ``(modules, ratio)`` pairs: kohya's summed factors, or exact rank concatenation."""
-    contributions: dict[str, list[tuple[LoRAFactors, float]]] = {}
-    for modules, ratio in loras:
-        for name, factors in modules.items():
-            contributions.setdefault(name, []).append((factors, ratio))
-    merged = {}
-    for name, items in contributions.items():
-        module = _concatenated(name, items) if concat else _summed(name, items)
-        merged[name] = _shuffled(module) if shuffle else module
-    return merged
-
-
-def _summed(name: str, items: list[tuple[LoRAFactors, float]]) -> LoRAFactors:
-    first = items[0][0]
-    base_alpha = first.effective_alpha
-    down = torch.zeros_like(first.down)
-    up = torch.zeros_like(first.up)
-    for factors, ratio in items:
-        if factors.down.shape != first.down.shape or factors.up.shape != first.up.shape:
-            raise LoRAFileError(f"{name}: shapes {tuple(first.down.shape)} and {tuple(factors.down.shape)} differ "
-                                "(other rank or model); merge LoRAs of different ranks with --concat")
-        scale = math.sqrt(factors.effective_alpha / base_alpha) * ratio
-        down = down + factors.down * scale
-        up = up + factors.up * abs(scale)
-    return LoRAFactors(name, down, up, base_alpha)
-
-
-def _concatenated(name: str, items: list[tuple[LoRAFactors, float]]) -> LoRAFactors:
-    first = items[0][0]
-    total_rank = sum(factors.rank for factors, _ in items)
-    out_alpha = first.effective_alpha
-    downs, ups = [], []
-    for factors, ratio in items:
-        if factors.down.shape[1:] != first.down.shape[1:] or factors.up.shape[0] != first.up.shape[0]:
-            raise LoRAFileError(f"{name}: the LoRAs target weights of different shapes "
-                                f"({tuple(first.down.shape[1:])} vs {tuple(factors.down.shape[1:])}); are they for one model?")
-        coefficient = ratio * factors.scale * total_rank / out_alpha
-        magnitude = math.sqrt(abs(coefficient))
-        downs.append(factors.down * math.copysign(magnitude, coefficient))
-        ups.append(factors.up * magnitude)
-    return LoRAFactors(name, torch.cat(downs, dim=0), torch.cat(ups, dim=1), out_alpha)
-
-
-def _shuffled(module: LoRAFactors) -> LoRAFactors:
-    perm = torch.randperm(module.rank)
-    return LoRAFactors(module.name, module.down[perm], module.up[:, perm], module.alpha)
 
 
 def lora_merge_metadata(merged: dict[str, LoRAFactors], sources: list[dict[str, str]], inputs: list[str],
@@ -131,8 +79,11 @@ def lora_merge_metadata(merged: dict[str, LoRAFactors], sources: list[dict[str, 
             metadata[key] = first(key)
     if no_metadata:
         return metadata
+    from library.models.families import family_with_base_model_version
+
+    base_family = family_with_base_model_version(first("ss_base_model_version"))
     architecture = first("modelspec.architecture") or (
-        ARCHITECTURES[first("ss_base_model_version")] + "/lora" if first("ss_base_model_version") in ARCHITECTURES else None)
+        base_family.modelspec_architecture + "/lora" if base_family is not None else None)
     metadata.update({
         "modelspec.title": Path(save_to).stem,
         "modelspec.merged_from": ", ".join(Path(p).stem for p in inputs),
@@ -236,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.sd_model is not None and (args.concat or args.shuffle):
         parser.error("--concat and --shuffle apply to merging LoRAs into a LoRA, not into --sd_model")
     from library.models.loading import ModelLoadError
-    from networks.lora import LoRAWeightsError
 
     try:
         refuse_existing(args.save_to)
@@ -246,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             merge_lora_files(args.models, ratios, args.save_to, args.concat, args.shuffle, merge_dtype, save_dtype,
                              args.no_metadata)
         else:
-            family = "sd2" if args.v2 else "sdxl" if args.sdxl else None
+            from library.models.families import SD2, SDXL
+
+            family = SD2.name if args.v2 else SDXL.name if args.sdxl else None
             merge_into_model_file(args.sd_model, args.models, ratios, args.save_to, merge_dtype, save_dtype, family,
                                   args.no_metadata)
     except (FileExistsError, LoRAFileError, LoRAWeightsError, ModelLoadError) as error:

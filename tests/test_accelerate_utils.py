@@ -25,7 +25,6 @@ from torch import nn
 from library.training.accelerate_utils import (
     DEEPSPEED_INSTALL,
     TrainableModules,
-    add_accelerate_arguments,
     broadcast_seed,
     build_accelerator,
     build_deepspeed_plugin,
@@ -38,7 +37,10 @@ from library.training.accelerate_utils import (
     prepare_for_deepspeed,
     unwrap,
 )
-from library.cli.config import add_dataset_arguments, add_training_arguments, build_parser, parse_args
+from library.cli.accelerate_args import accelerator_options_from_args, add_accelerate_arguments
+from library.cli.config import build_parser, parse_args
+from library.cli.data_args import add_dataset_arguments
+from library.cli.training_args import add_training_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_PATH = REPO / "tests" / "helpers" / "ddp_probe.py"
@@ -56,8 +58,9 @@ probe = _load_probe()
 
 
 def make_args(*argv: str):
+    """The AcceleratorOptions the flags give (parsed and validated as a script would)."""
     parser = build_parser("test", add_dataset_arguments, add_training_arguments, add_accelerate_arguments)
-    return parse_args(parser, list(argv))
+    return accelerator_options_from_args(parse_args(parser, list(argv)))
 
 
 # --------------------------------------------------------------------------------------------------------

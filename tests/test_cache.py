@@ -11,19 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from library.cache.storage import (
+from library.models.families import SD1, SDXL
+from library.cache.latent_files import (
     CacheStatus,
     LatentEncodingError,
     LatentJob,
-    TextEncoderOutputCache,
     check_latent_cache,
     encode_latents,
     fill_latent_cache,
-    fill_text_encoder_cache,
     latent_cache_path,
     load_cached_latents,
-    text_encoder_cache_identity,
 )
+from library.cache.text_encoder_files import TextEncoderOutputCache, fill_text_encoder_cache, text_encoder_cache_identity
 from library.models.text_encoding import PromptEncoder
 from library.models.tiny_models import build_tiny_model
 
@@ -61,14 +60,14 @@ def job_for(path: Path, size=(40, 24), bucket=(32, 16), resized=(40, 24), crop=(
 
 
 def test_latent_cache_path_is_kohyas_name():
-    assert latent_cache_path("/data/a/cat.1.png", (832, 1216), True) == Path("/data/a/cat.1_0832x1216_sdxl.npz")
-    assert latent_cache_path(Path("x/dog.jpg"), (64, 48), False) == Path("x/dog_0064x0048_sd.npz")
-    assert latent_cache_path("img.webp", (12000, 512), True).name == "img_12000x0512_sdxl.npz"
+    assert latent_cache_path("/data/a/cat.1.png", (832, 1216), SDXL) == Path("/data/a/cat.1_0832x1216_sdxl.npz")
+    assert latent_cache_path(Path("x/dog.jpg"), (64, 48), SD1) == Path("x/dog_0064x0048_sd.npz")
+    assert latent_cache_path("img.webp", (12000, 512), SDXL).name == "img_12000x0512_sdxl.npz"
 
 
 def test_fill_writes_kohya_keys_and_skips_valid_entries(tmp_path, sd15):
     jobs = [job_for(make_image(tmp_path / f"img{i}.png", (40, 24), seed=i), flip=True) for i in range(3)]
-    result = fill_latent_cache(jobs, sd15.vae, load_pixels, batch_size=2, is_sdxl=False, progress=False)
+    result = fill_latent_cache(jobs, sd15.vae, load_pixels, batch_size=2, family=SD1, progress=False)
     assert (result.encoded, result.skipped_valid) == (3, 0)
     path = tmp_path / "img0_0040x0024_sd.npz"
     with np.load(path) as npz:
@@ -80,7 +79,7 @@ def test_fill_writes_kohya_keys_and_skips_valid_entries(tmp_path, sd15):
         assert "alpha_mask" not in npz.files
         assert not np.allclose(npz["latents"], npz["latents_flipped"])
     assert check_latent_cache(path, jobs[0]) == CacheStatus("valid")
-    again = fill_latent_cache(jobs, sd15.vae, load_pixels, batch_size=2, is_sdxl=False, progress=False)
+    again = fill_latent_cache(jobs, sd15.vae, load_pixels, batch_size=2, family=SD1, progress=False)
     assert (again.encoded, again.skipped_valid) == (0, 3)
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -90,8 +89,8 @@ def test_latents_are_unscaled_and_seeded_per_image(tmp_path, sd15):
     jobs = [job_for(make_image(tmp_path / f"img{i}.png", (40, 24), seed=i)) for i in range(3)]
     runs = []
     for batch in (1, 3):
-        fill_latent_cache(jobs, sd15.vae, load_pixels, batch, skip_valid=False, is_sdxl=False, seed=7, progress=False)
-        runs.append([load_cached_latents(j.cache_path(False)).latents for j in jobs])
+        fill_latent_cache(jobs, sd15.vae, load_pixels, batch, skip_valid=False, family=SD1, seed=7, progress=False)
+        runs.append([load_cached_latents(j.cache_path(SD1)).latents for j in jobs])
     # the noise depends on (seed, image) only; batched convolutions differ from single ones by ~1e-6
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*runs))
     with torch.no_grad():
@@ -109,7 +108,7 @@ def write_kohya_npz(path: Path, latents_shape=(4, 2, 4)) -> None:
 def test_kohya_made_npz_accepted_when_newer_than_image(tmp_path):
     image = make_image(tmp_path / "k.png", (40, 24))
     job = job_for(image)
-    path = job.cache_path(is_sdxl=True)
+    path = job.cache_path(family=SDXL)
     write_kohya_npz(path)
     image_mtime = os.stat(image).st_mtime_ns
     os.utime(path, ns=(image_mtime + 10**9, image_mtime + 10**9))
@@ -127,9 +126,9 @@ def test_kohya_made_npz_accepted_when_newer_than_image(tmp_path):
 def test_missing_unreadable_and_wrong_shape_are_not_valid(tmp_path, sd15):
     image = make_image(tmp_path / "s.png", (40, 24))
     job = job_for(image)
-    path = job.cache_path(is_sdxl=False)
+    path = job.cache_path(family=SD1)
     assert check_latent_cache(path, job).state == "missing"
-    fill_latent_cache([job], sd15.vae, load_pixels, is_sdxl=False, progress=False)
+    fill_latent_cache([job], sd15.vae, load_pixels, family=SD1, progress=False)
     other_bucket = job_for(image, bucket=(24, 24), crop=(8, 0))  # same file name, different bucket
     status = check_latent_cache(path, other_bucket)
     assert status.state == "stale" and "shape" in status.reason
@@ -139,15 +138,15 @@ def test_missing_unreadable_and_wrong_shape_are_not_valid(tmp_path, sd15):
     assert "crop_ltrb" in check_latent_cache(path, moved_crop).reason
     path.write_bytes(b"not a zip")
     assert check_latent_cache(path, job).state == "stale"
-    assert fill_latent_cache([job], sd15.vae, load_pixels, is_sdxl=False, progress=False).rebuilt == 1
+    assert fill_latent_cache([job], sd15.vae, load_pixels, family=SD1, progress=False).rebuilt == 1
     assert check_latent_cache(path, job).is_valid
 
 
 def test_changed_image_makes_entry_stale_and_fill_rebuilds(tmp_path, sd15):
     image = make_image(tmp_path / "c.png", (40, 24), seed=1)
     job = job_for(image)
-    path = job.cache_path(is_sdxl=False)
-    fill_latent_cache([job], sd15.vae, load_pixels, is_sdxl=False, progress=False)
+    path = job.cache_path(family=SD1)
+    fill_latent_cache([job], sd15.vae, load_pixels, family=SD1, progress=False)
     before = load_cached_latents(path).latents
     old = os.stat(image)
     make_image(image, (40, 24), seed=2)  # same size in pixels, different bytes
@@ -155,7 +154,7 @@ def test_changed_image_makes_entry_stale_and_fill_rebuilds(tmp_path, sd15):
     os.utime(path, ns=(old.st_mtime_ns + 10 * 10**9,) * 2)  # npz newer: a kohya-style mtime check would pass
     status = check_latent_cache(path, job)
     assert status.state == "stale" and "changed" in status.reason
-    result = fill_latent_cache([job], sd15.vae, load_pixels, is_sdxl=False, progress=False)
+    result = fill_latent_cache([job], sd15.vae, load_pixels, family=SD1, progress=False)
     assert (result.encoded, result.rebuilt) == (1, 1)
     assert check_latent_cache(path, job).is_valid
     assert not torch.equal(before, load_cached_latents(path).latents)
@@ -164,7 +163,7 @@ def test_changed_image_makes_entry_stale_and_fill_rebuilds(tmp_path, sd15):
 def test_crop_round_trips_and_mirrors_on_flip(tmp_path, sd15):
     image = make_image(tmp_path / "w.png", (60, 40))
     job = LatentJob(image, (60, 40), bucket=(32, 32), resized_size=(48, 32), crop_left_top=(10, 0), flip=True)
-    fill_latent_cache([job], sd15.vae, load_pixels, is_sdxl=True, progress=False)
+    fill_latent_cache([job], sd15.vae, load_pixels, family=SDXL, progress=False)
     path = tmp_path / "w_0060x0040_sdxl.npz"
     plain = load_cached_latents(path, flipped=False)
     assert plain.crop_top_left == (0, 10) and plain.original_size_hw == (40, 60)
@@ -183,8 +182,8 @@ def test_alpha_mask_is_stored_and_flipped(tmp_path, sd15):
     def with_alpha(j: LatentJob, flipped: bool):
         return load_pixels(j, flipped), alpha
 
-    fill_latent_cache([job], sd15.vae, with_alpha, is_sdxl=False, progress=False)
-    path = job.cache_path(False)
+    fill_latent_cache([job], sd15.vae, with_alpha, family=SD1, progress=False)
+    path = job.cache_path(SD1)
     assert check_latent_cache(path, job).is_valid
     assert torch.equal(load_cached_latents(path).alpha_mask, alpha)
     assert torch.equal(load_cached_latents(path, flipped=True).alpha_mask, torch.flip(alpha, dims=[1]))
@@ -196,7 +195,7 @@ def test_nan_latents_raise_naming_the_image(tmp_path, sd15):
     image = make_image(tmp_path / "nan.png", (40, 24))
     with pytest.raises(LatentEncodingError, match="nan.png"):
         fill_latent_cache([job_for(image)], sd15.vae, lambda j, f: torch.full((3, 16, 32), float("nan")),
-                          is_sdxl=False, progress=False)
+                          family=SD1, progress=False)
     assert not list(tmp_path.glob("*.npz"))
     half_vae = build_tiny_model("sd15").vae.half()
     with pytest.raises(LatentEncodingError, match="no_half_vae"):
@@ -205,10 +204,10 @@ def test_nan_latents_raise_naming_the_image(tmp_path, sd15):
 
 def test_ranks_fill_disjoint_shares_that_cover_everything(tmp_path, sd15):
     jobs = [job_for(make_image(tmp_path / f"r{i}.png", (40, 24), seed=i)) for i in range(5)]
-    paths = [j.cache_path(False) for j in jobs]
-    r0 = fill_latent_cache(jobs, sd15.vae, load_pixels, 2, rank=0, world_size=2, is_sdxl=False, progress=False)
+    paths = [j.cache_path(SD1) for j in jobs]
+    r0 = fill_latent_cache(jobs, sd15.vae, load_pixels, 2, rank=0, world_size=2, family=SD1, progress=False)
     done0 = {p for p in paths if p.exists()}
-    r1 = fill_latent_cache(jobs, sd15.vae, load_pixels, 2, rank=1, world_size=2, is_sdxl=False, progress=False)
+    r1 = fill_latent_cache(jobs, sd15.vae, load_pixels, 2, rank=1, world_size=2, family=SD1, progress=False)
     done1 = {p for p in paths if p.exists()} - done0
     assert (r0.encoded, r1.encoded) == (3, 2)
     assert done0 == set(paths[0::2]) and done1 == set(paths[1::2])

@@ -13,17 +13,16 @@ import torch
 from PIL import Image
 
 from library.cli import config
+from library.cli.data_args import add_conditioning_arguments, filter_from_args
 from library.data.conditioning import (
     FILTERS,
     BlurFilter,
     CannyFilter,
     ConditioningFilter,
-    add_conditioning_arguments,
     apply_conditioning_dropout,
     control_fidelity,
     edge_f1,
     edges_of,
-    filter_from_args,
     make_filter,
 )
 from library.data.images import load_rgb
@@ -157,7 +156,7 @@ def test_make_filter_parses_typed_options() -> None:
     assert make_filter("canny", [" high = 250"]) == CannyFilter(100, 250)
     blur = make_filter("blur", ["radius=3"])
     assert blur == BlurFilter(3.0) and isinstance(blur.radius, float)
-    assert CannyFilter.from_args({"low": 10, "high": 20}) == CannyFilter(10, 20)  # typed values (TOML)
+    assert CannyFilter.from_options({"low": 10, "high": 20}) == CannyFilter(10, 20)  # typed values (TOML)
 
 
 @pytest.mark.parametrize(("name", "args", "message"), [
@@ -175,11 +174,11 @@ def test_make_filter_errors(name: str, args: list[str], message: str) -> None:
         make_filter(name, args)
 
 
-def test_from_args_rejects_wrongly_typed_values() -> None:
+def test_from_options_rejects_wrongly_typed_values() -> None:
     with pytest.raises(ValueError, match="True is not an integer"):
-        CannyFilter.from_args({"low": True})
+        CannyFilter.from_options({"low": True})
     with pytest.raises(ValueError, match="1.5 is not an integer"):
-        CannyFilter.from_args({"low": 1.5})
+        CannyFilter.from_options({"low": 1.5})
 
 
 def test_arguments_parse_and_validate(capsys: pytest.CaptureFixture[str]) -> None:

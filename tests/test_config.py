@@ -10,15 +10,18 @@ import pytest
 import toml
 
 from library.cli import config
+from library.cli.data_args import add_dataset_arguments
+from library.cli.model_args import add_model_arguments
+from library.cli.training_args import DEFAULT_LEARNING_RATE, add_saving_arguments, add_training_arguments
 
 
 def make_parser() -> config.TrainingArgumentParser:
     parser = config.build_parser(
         "test script",
-        config.add_model_arguments,
-        config.add_dataset_arguments,
-        functools.partial(config.add_training_arguments, default_learning_rate=1e-4),
-        config.add_saving_arguments,
+        add_model_arguments,
+        add_dataset_arguments,
+        functools.partial(add_training_arguments, default_learning_rate=1e-4),
+        add_saving_arguments,
     )
     extra = parser.add_argument_group("logging secrets")
     extra.add_argument("--wandb_api_key", type=str, default=None)
@@ -66,13 +69,13 @@ def test_defaults_match_kohya() -> None:
 
 
 def test_default_learning_rate_without_override() -> None:
-    parser = config.build_parser("x", config.add_training_arguments)
-    assert config.parse_args(parser, []).learning_rate == config.DEFAULT_LEARNING_RATE
+    parser = config.build_parser("x", add_training_arguments)
+    assert config.parse_args(parser, []).learning_rate == DEFAULT_LEARNING_RATE
 
 
 def test_saving_formats_are_a_parameter(capsys: pytest.CaptureFixture[str]) -> None:
     lora = config.build_parser("lora", functools.partial(
-        config.add_saving_arguments, model_formats=("ckpt", "pt", "safetensors"),
+        add_saving_arguments, model_formats=("ckpt", "pt", "safetensors"),
         default_model_format="safetensors"))
     assert config.parse_args(lora, []).save_model_as == "safetensors"
     assert config.parse_args(lora, ["--save_model_as", "pt"]).save_model_as == "pt"
@@ -82,8 +85,8 @@ def test_saving_formats_are_a_parameter(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_parsers_do_not_share_validators() -> None:
-    a = config.build_parser("a", config.add_training_arguments)
-    b = config.build_parser("b", config.add_dataset_arguments)
+    a = config.build_parser("a", add_training_arguments)
+    b = config.build_parser("b", add_dataset_arguments)
     assert len(a.validators) == 2 and b.validators == []
 
 
@@ -290,7 +293,7 @@ def test_custom_validator_registered_by_a_group(capsys: pytest.CaptureFixture[st
 
 def test_add_validator_on_plain_parser(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    config.add_model_arguments(parser)
+    add_model_arguments(parser)
     config.add_config_arguments(parser)
     with pytest.raises(SystemExit) as exc:
         config.parse_args(parser, ["--max_token_length", "100"])

@@ -58,7 +58,7 @@ def unet_inputs(model: StableDiffusionModel) -> dict:
         "timestep": torch.tensor([10, 700]),
         "encoder_hidden_states": torch.randn(2, 5, config.cross_attention_dim, generator=generator),
     }
-    if model.family.is_sdxl:
+    if model.family.size_conditioning:
         text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, text_dim, generator=generator),
                                        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}

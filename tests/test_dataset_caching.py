@@ -3,7 +3,6 @@ and the cache report of tools/check_dataset.py."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -14,32 +13,31 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from library.models.families import SD1, SDXL
 from library.cli import config
-from library.data.buckets import BucketBatchSampler
-from library.cache.storage import latent_cache_path
+from library.cli.data_args import add_dataset_arguments, latent_cache_mode, text_cache_mode
+from library.cache.latent_files import latent_cache_path
+from library.data.cacheable import NotCacheableError, check_cacheable
 from library.data.captions import CaptionOptions
 from library.cache.dataset_caching import (
     LatentCacheLocation,
-    NotCacheableError,
-    check_cacheable,
     dataset_prompts,
     default_text_cache_dir,
     fill_latent_caches,
     fill_text_cache,
-    latent_cache_mode,
     latent_cache_status,
     latent_jobs,
-    text_cache_mode,
 )
-from library.data.dataset_config import DatasetConfig, DatasetConfigError, SubsetConfig, load_dataset_configs
+from library.data.dataset_config import DatasetConfig, DatasetConfigError, SubsetConfig
+from library.data.dataset_config_loading import DatasetFlags, load_dataset_configs
 from library.data.datasets import (
-    KeyedBatchSampler,
     SampleKey,
     TrainingDataset,
     build_bucket_sampler_inputs,
-    collate_samples,
+    make_batch_sampler,
+    make_loader,
 )
-from library.data.records import load_dataset_index
+from library.data.dataset_index import load_dataset_index
 from library.models.loading import load_model
 from library.models.text_encoding import PromptEncoder
 from tools import cache_text_encoder_outputs, check_dataset, prepare_buckets_latents
@@ -74,10 +72,9 @@ def finetune_config(images: Path, meta: Path, **subset_kwargs) -> DatasetConfig:
 
 
 def loader_for(dataset: TrainingDataset, index, seed: int, epoch: int, num_workers: int = 0) -> DataLoader:
-    inputs = build_bucket_sampler_inputs(index)
-    sampler = KeyedBatchSampler(BucketBatchSampler(inputs.bucket_keys, inputs.batch_size, seed=seed))
+    sampler = make_batch_sampler(build_bucket_sampler_inputs(index), seed)
     sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=num_workers)
+    return make_loader(dataset, sampler, num_workers=num_workers)
 
 
 def prepare(images: Path, meta: Path, out: Path, model: Path, *extra: str) -> int:
@@ -109,7 +106,7 @@ def test_prepared_latents_feed_the_dataset(tmp_path: Path, tiny_model_dirs, caps
 
     # Training with the same bucket flags finds every file valid: nothing would be re-encoded.
     index = load_dataset_index([finetune_config(images, out, flip_aug=True)], min_step=32)
-    location = LatentCacheLocation(is_sdxl=True)
+    location = LatentCacheLocation(family=SDXL)
     assert [status.state for _, _, status in latent_cache_status(index, location)] == ["valid"] * 4
     assert len(latent_jobs(index, location)) == 4  # one per image, not per repeat
 
@@ -118,19 +115,19 @@ def test_prepared_latents_feed_the_dataset(tmp_path: Path, tiny_model_dirs, caps
     flips_seen = set()
     for epoch in (1, 2, 3):
         for batch in loader_for(cached, index, seed=3, epoch=epoch):
-            assert batch["pixel_values"] is None
-            for i, path in enumerate(batch["image_paths"]):
+            assert batch.pixel_values is None
+            for i, path in enumerate(batch.image_paths):
                 size = Image.open(path).size
-                flipped = bool(batch["flipped"][i])
+                flipped = bool(batch.flipped[i])
                 flips_seen.add(flipped)
-                with np.load(latent_cache_path(path, size, True)) as npz:
+                with np.load(latent_cache_path(path, size, SDXL)) as npz:
                     expected = npz["latents_flipped" if flipped else "latents"]
                     left, top, right, _ = npz["crop_ltrb"].tolist()
                     resized_w = int(npz["resized_size"][0])
-                    assert batch["original_sizes_hw"][i].tolist() == npz["original_size"].tolist()[::-1]
-                assert torch.equal(batch["latents"][i], torch.from_numpy(expected))
-                assert batch["crop_top_lefts"][i].tolist() == [top, resized_w - right if flipped else left]
-                assert batch["target_sizes_hw"][i].tolist() == [s * 8 for s in expected.shape[1:]]
+                    assert batch.original_sizes_hw[i].tolist() == npz["original_size"].tolist()[::-1]
+                assert torch.equal(batch.latents[i], torch.from_numpy(expected))
+                assert batch.crop_top_lefts[i].tolist() == [top, resized_w - right if flipped else left]
+                assert batch.target_sizes_hw[i].tolist() == [s * 8 for s in expected.shape[1:]]
     assert flips_seen == {False, True}
 
     # The seeded flip and the crop are the ones the pixel path takes for the same sample.
@@ -157,7 +154,7 @@ def test_skip_existing_keeps_valid_files_and_check_dataset_counts_states(tmp_pat
     (images / "tall_0080x0128_sdxl.npz").unlink()
 
     report = check_dataset.check_datasets([finetune_config(images, out, flip_aug=True)], min_step=32,
-                                          disk_latents=LatentCacheLocation(is_sdxl=True))
+                                          disk_latents=LatentCacheLocation(family=SDXL))
     assert report.ok
     assert (report.latent_cache.valid, report.latent_cache.missing) == (2, 1)
     (stale_path, reason), = report.latent_cache.stale
@@ -177,12 +174,12 @@ def test_skip_existing_keeps_valid_files_and_check_dataset_counts_states(tmp_pat
     printed = capsys.readouterr().out
     assert "2 encoded (1 of them replaced stale or existing files), 2 already valid" in printed
     report = check_dataset.check_datasets([finetune_config(images, out, flip_aug=True)], min_step=32,
-                                          disk_latents=LatentCacheLocation(is_sdxl=True))
+                                          disk_latents=LatentCacheLocation(family=SDXL))
     assert report.latent_cache.valid == 4
 
     # Options the cache refuses make the check fail.
     refused = check_dataset.check_datasets([finetune_config(images, out, random_crop=True)], min_step=32,
-                                           disk_latents=LatentCacheLocation(is_sdxl=True))
+                                           disk_latents=LatentCacheLocation(family=SDXL))
     assert not refused.ok and "random_crop" in refused.format()
 
 
@@ -236,14 +233,14 @@ def test_refusals_name_the_subset_and_the_option(tmp_path: Path) -> None:
     assert text[1].startswith("cfg.toml subset #2: enable_wildcard = true") and "b.png" in text[1]
 
     with pytest.raises(NotCacheableError, match="random_crop"):
-        TrainingDataset(index, seed=0, latent_cache=LatentCacheLocation(is_sdxl=False))
+        TrainingDataset(index, seed=0, latent_cache=LatentCacheLocation(family=SD1))
     with pytest.raises(NotCacheableError, match="shuffle_caption"):
         fill_text_cache(index, None, tmp_path / "te")  # type: ignore[arg-type]  # refused before encoding
     assert not (tmp_path / "te").exists()
 
 
 def test_modes_from_flags_and_cache_info_is_rejected(tmp_path: Path) -> None:
-    parser = config.build_parser("t", config.add_dataset_arguments)
+    parser = config.build_parser("t", add_dataset_arguments)
     assert latent_cache_mode(config.parse_args(parser, ["--cache_latents_to_disk"])) == "disk"
     assert latent_cache_mode(config.parse_args(parser, ["--cache_latents"])) == "run"
     args = config.parse_args(parser, ["--cache_text_encoder_outputs_to_disk"])
@@ -254,7 +251,7 @@ def test_modes_from_flags_and_cache_info_is_rejected(tmp_path: Path) -> None:
     cfg = tmp_path / "ds.toml"
     cfg.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\ncache_info = true\n')
     with pytest.raises(DatasetConfigError, match="cache_info is a kohya key that is not supported yet"):
-        load_dataset_configs(argparse.Namespace(dataset_config=str(cfg)))
+        load_dataset_configs(DatasetFlags(dataset_config=str(cfg)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,12 +278,12 @@ def test_text_cached_batches_match_a_fresh_encoding(tmp_path: Path, tiny_model_d
     captions = []
     for batch in loader_for(dataset, index, seed=5, epoch=1, num_workers=1):
         with torch.no_grad():
-            fresh = encoder.encode(batch["captions"])
-        assert batch["text_hidden_states"].dtype == torch.float16
-        torch.testing.assert_close(batch["text_hidden_states"].float(), fresh.hidden_states, rtol=2e-3, atol=2e-3)
-        torch.testing.assert_close(batch["text_pooled"].float(), fresh.pooled, rtol=2e-3, atol=2e-3)
-        assert batch["pixel_values"] is not None and batch["latents"] is None
-        captions += batch["captions"]
+            fresh = encoder.encode(batch.captions)
+        assert batch.text_hidden_states.dtype == torch.float16
+        torch.testing.assert_close(batch.text_hidden_states.float(), fresh.hidden_states, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(batch.text_pooled.float(), fresh.pooled, rtol=2e-3, atol=2e-3)
+        assert batch.pixel_values is not None and batch.latents is None
+        captions += batch.captions
     assert len(captions) == 12 and "" in captions and any(c.startswith("photo of thing") for c in captions)
 
 
@@ -333,27 +330,27 @@ resolution = [128, 96]
   image_dir = "{folder}"
   num_repeats = 2
 """)
-    datasets = load_dataset_configs(argparse.Namespace(dataset_config=str(cfg)))
+    datasets = load_dataset_configs(DatasetFlags(dataset_config=str(cfg)))
     index = load_dataset_index(datasets, min_step=32)
     batches = list(loader_for(TrainingDataset(index, seed=1), index, seed=1, epoch=1))
-    assert sum(len(b["captions"]) for b in batches) == 4 + 8
-    areas = {b["pixel_values"].shape[2] * b["pixel_values"].shape[3] for b in batches}
+    assert sum(len(b.captions) for b in batches) == 4 + 8
+    areas = {b.pixel_values.shape[2] * b.pixel_values.shape[3] for b in batches}
     assert max(areas) > 64 * 64 >= min(areas)  # both resolutions are trained
 
     # Beside the images one npz per image cannot hold two buckets: refused, naming both datasets.
-    disk = LatentCacheLocation(is_sdxl=False)
-    conflicts = check_cacheable(index, True, False, disk)
+    disk = LatentCacheLocation(family=SD1)
+    conflicts = check_cacheable(index, True, False, disk.conflicts(index))
     assert conflicts and "[[datasets]] #1" in conflicts[0] and "[[datasets]] #2" in conflicts[0]
     # A per-run folder keeps one file per dataset, so it works, with the same batches as pixels.
-    run = LatentCacheLocation(is_sdxl=False, directory=tmp_path / "run")
+    run = LatentCacheLocation(family=SD1, directory=tmp_path / "run")
     vae = load_model(tiny_model_dirs["sd15"]).vae
     result = fill_latent_caches(index, vae, run, batch_size=4, seed=0, progress=False)
     assert result.encoded == 8  # 4 images x 2 datasets
     cached = list(loader_for(TrainingDataset(index, seed=1, latent_cache=run), index, seed=1, epoch=1))
-    assert [b["image_paths"] for b in cached] == [b["image_paths"] for b in batches]
+    assert [b.image_paths for b in cached] == [b.image_paths for b in batches]
     for with_latents, with_pixels in zip(cached, batches):
-        assert with_latents["latents"].shape[2:] == tuple(s // 8 for s in with_pixels["pixel_values"].shape[2:])
-        assert torch.equal(with_latents["target_sizes_hw"], with_pixels["target_sizes_hw"])
-        assert torch.equal(with_latents["crop_top_lefts"], with_pixels["crop_top_lefts"])
+        assert with_latents.latents.shape[2:] == tuple(s // 8 for s in with_pixels.pixel_values.shape[2:])
+        assert torch.equal(with_latents.target_sizes_hw, with_pixels.target_sizes_hw)
+        assert torch.equal(with_latents.crop_top_lefts, with_pixels.crop_top_lefts)
     again = fill_latent_caches(index, vae, run, batch_size=4, skip_cache_check=True, progress=False)
     assert (again.encoded, again.skipped_valid) == (0, 8)

@@ -1,8 +1,7 @@
-"""library/dataset_config.py: the kohya dataset schema, the fallback chain, CLI synthesis and the error report."""
+"""library/data/dataset_config*.py: the kohya dataset schema, the fallback chain, CLI synthesis and the error report."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -12,21 +11,20 @@ import pytest
 import toml
 
 from library.cli import config
-from library.data.dataset_config import (
-    DatasetConfig,
-    DatasetConfigError,
-    load_dataset_configs,
-    parse_resolution,
-)
+from library.cli.data_args import add_dataset_arguments, dataset_flags_from_args
+from library.cli.model_args import add_model_arguments
+from library.cli.training_args import add_training_arguments
+from library.data.dataset_config import DatasetConfig, DatasetConfigError, parse_resolution
+from library.data.dataset_config_loading import DatasetFlags, load_dataset_configs
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "dataset_config_example.toml"
 
 
-def make_args(*argv: str) -> argparse.Namespace:
-    """A namespace from the real parser, so CLI defaults are the ones the scripts see."""
-    parser = config.build_parser("test", config.add_model_arguments, config.add_dataset_arguments,
-                                 config.add_training_arguments)
-    return config.parse_args(parser, list(argv))
+def make_args(*argv: str) -> DatasetFlags:
+    """The dataset flags as the real parser gives them, so CLI defaults are the ones the scripts see."""
+    parser = config.build_parser("test", add_model_arguments, add_dataset_arguments,
+                                 add_training_arguments)
+    return dataset_flags_from_args(config.parse_args(parser, list(argv)))
 
 
 def folder(root: Path, *names: str) -> Path:
@@ -45,7 +43,7 @@ def write(tmp_path: Path, text: str, name: str = "ds.toml") -> Path:
 
 
 def load(path: Path, *argv: str, support: set[str] | None = None) -> list[DatasetConfig]:
-    return load_dataset_configs(make_args("--dataset_config", str(path), *argv), support)  # type: ignore[arg-type]
+    return load_dataset_configs(make_args("--dataset_config", str(path), *argv), support)
 
 
 def load_error(path: Path, *argv: str, support: set[str] | None = None) -> str:

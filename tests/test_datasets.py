@@ -1,4 +1,4 @@
-"""Records, start-up checks, image transforms and batches: library/records.py, library/datasets.py, library/images.py."""
+"""Records, start-up checks, image transforms and batches: library/data/{records,record_sources,dataset_index,datasets,images}.py."""
 
 from __future__ import annotations
 
@@ -10,20 +10,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from library.data.buckets import BucketBatchSampler
 from library.data.captions import CaptionOptions
 from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.data import datasets
 from library.data.datasets import (
+    Batch,
     BucketKey,
     KeyedBatchSampler,
     SampleKey,
     TrainingDataset,
     build_bucket_sampler_inputs,
     collate_samples,
+    make_batch_sampler,
 )
-from library.data.records import DatasetProblems, build_dataset_index, collect_records, load_dataset_index
+from library.data.dataset_index import build_dataset_index, load_dataset_index
+from library.data.record_sources import collect_records
+from library.data.records import DatasetProblems
 from library.data.images import CropPlan, apply_crop_plan, load_image, plan_crop, read_image_size, verify_image
 
 # --------------------------------------------------------------------------------------------------
@@ -281,8 +285,8 @@ def test_rgba_composited_on_white_or_alpha_kept_as_mask(tmp_path: Path) -> None:
     subset = SubsetConfig(image_dir=tmp_path, alpha_mask=True, class_tokens="x")
     dataset = TrainingDataset(load_dataset_index([dreambooth(subset)]), seed=0)
     batch = collate_samples([dataset[0]])
-    assert batch["alpha_masks"].shape == (1, 64, 64)
-    assert batch["alpha_masks"][0, 5, 5] == 0.0 and batch["alpha_masks"][0, 5, 50] == 1.0
+    assert batch.alpha_masks.shape == (1, 64, 64)
+    assert batch.alpha_masks[0, 5, 5] == 0.0 and batch.alpha_masks[0, 5, 50] == 1.0
 
 
 def coordinate_image(width: int, height: int, divide: int = 1) -> np.ndarray:
@@ -401,30 +405,54 @@ def make_mixed_dataset(tmp_path: Path, **subset_kwargs) -> DatasetConfig:
 
 
 def make_loader(index, seed: int, num_workers: int, epoch: int = 1, first_step: int = 0):
-    inputs = build_bucket_sampler_inputs(index)
-    sampler = KeyedBatchSampler(BucketBatchSampler(inputs.bucket_keys, inputs.batch_size, seed=seed))
+    sampler = make_batch_sampler(build_bucket_sampler_inputs(index), seed)
     sampler.set_epoch(epoch, first_step)
-    dataset = TrainingDataset(index, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=num_workers)
+    return datasets.make_loader(TrainingDataset(index, seed=seed), sampler, num_workers=num_workers)
 
 
-def test_batch_dict_shapes_and_dtypes(tmp_path: Path) -> None:
+def test_batch_shapes_and_dtypes(tmp_path: Path) -> None:
     index = load_dataset_index([make_mixed_dataset(tmp_path, flip_aug=True)], min_step=32)
     batches = list(make_loader(index, seed=0, num_workers=0))
-    assert sum(len(b["captions"]) for b in batches) == 16  # 8 images x 2 repeats
+    assert sum(len(b.captions) for b in batches) == 16  # 8 images x 2 repeats
     for batch in batches:
-        b, _, h, w = batch["pixel_values"].shape
-        assert batch["pixel_values"].dtype == torch.float32
-        assert -1.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
+        b, _, h, w = batch.pixel_values.shape
+        assert batch.pixel_values.dtype == torch.float32
+        assert -1.0 <= batch.pixel_values.min() and batch.pixel_values.max() <= 1.0
         for key in ("original_sizes_hw", "crop_top_lefts", "target_sizes_hw"):
-            assert batch[key].shape == (b, 2) and batch[key].dtype == torch.long
-        assert (batch["target_sizes_hw"] == torch.tensor([h, w])).all()
-        assert batch["flipped"].dtype == torch.bool and batch["flipped"].shape == (b,)
-        assert batch["is_reg"].dtype == torch.bool and not batch["is_reg"].any()
-        assert batch["alpha_masks"] is None and batch["conditioning_pixel_values"] is None
-        assert len(batch["captions"]) == len(batch["image_paths"]) == b
-        sizes = {tuple(Image.open(p).size[::-1]) for p in batch["image_paths"]}
-        assert {tuple(s) for s in batch["original_sizes_hw"].tolist()} == sizes
+            assert getattr(batch, key).shape == (b, 2) and getattr(batch, key).dtype == torch.long
+        assert (batch.target_sizes_hw == torch.tensor([h, w])).all()
+        assert batch.flipped.dtype == torch.bool and batch.flipped.shape == (b,)
+        assert batch.is_reg.dtype == torch.bool and not batch.is_reg.any()
+        assert batch.alpha_masks is None and batch.conditioning_pixel_values is None
+        assert len(batch.captions) == len(batch.image_paths) == b
+        sizes = {tuple(Image.open(p).size[::-1]) for p in batch.image_paths}
+        assert {tuple(s) for s in batch.original_sizes_hw.tolist()} == sizes
+
+
+def test_collate_returns_a_batch_of_one_bucket_with_masks(tmp_path: Path) -> None:
+    """Two buckets (wide, tall), two images each: every Batch holds one bucket, with a mask per image."""
+    for i, (width, height) in enumerate([(96, 64), (96, 64), (64, 96), (64, 96)]):
+        rgba = np.full((height, width, 4), 255, dtype=np.uint8)
+        rgba[: height // 2, :, 3] = 0  # top half transparent, bottom half opaque
+        Image.fromarray(rgba).save(tmp_path / f"img{i}.png")
+    subset = SubsetConfig(image_dir=tmp_path, alpha_mask=True, class_tokens="x")
+    config = dreambooth(subset, resolution=(64, 64), enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
+                        bucket_reso_steps=32, batch_size=2)
+    batches = list(make_loader(load_dataset_index([config], min_step=32), seed=0, num_workers=0))
+    assert len(batches) == 2 and all(isinstance(batch, Batch) for batch in batches)
+    assert len({tuple(batch.target_sizes_hw[0].tolist()) for batch in batches}) == 2
+    for batch in batches:
+        assert batch.pixel_values is not None and batch.latents is None
+        b, channels, h, w = batch.pixel_values.shape
+        assert (b, channels) == (2, 3) and len(batch) == len(batch.captions) == len(batch.image_paths) == 2
+        assert batch.alpha_masks is not None and batch.alpha_masks.shape == (2, h, w)
+        assert (batch.alpha_masks[:, 0] == 0).all() and (batch.alpha_masks[:, -1] == 1).all()
+        for sizes in (batch.original_sizes_hw, batch.crop_top_lefts, batch.target_sizes_hw):
+            assert sizes.shape == (2, 2) and sizes.dtype == torch.long
+        assert (batch.target_sizes_hw == torch.tensor([h, w])).all()
+        assert batch.is_reg.shape == batch.flipped.shape == (2,) and batch.is_reg.dtype == torch.bool
+        assert batch.conditioning_pixel_values is None and batch.text_hidden_states is None
+        assert batch.text_pooled is None
 
 
 def test_same_batches_with_0_and_2_workers(tmp_path: Path) -> None:
@@ -435,11 +463,11 @@ def test_same_batches_with_0_and_2_workers(tmp_path: Path) -> None:
     parallel = list(make_loader(index, seed=7, num_workers=2, epoch=2, first_step=10))
     assert len(serial) == len(parallel) > 1
     for a, b in zip(serial, parallel):
-        assert a["image_paths"] == b["image_paths"] and a["captions"] == b["captions"]
-        assert torch.equal(a["pixel_values"], b["pixel_values"])
-        assert torch.equal(a["crop_top_lefts"], b["crop_top_lefts"]) and torch.equal(a["flipped"], b["flipped"])
+        assert a.image_paths == b.image_paths and a.captions == b.captions
+        assert torch.equal(a.pixel_values, b.pixel_values)
+        assert torch.equal(a.crop_top_lefts, b.crop_top_lefts) and torch.equal(a.flipped, b.flipped)
     other_epoch = list(make_loader(index, seed=7, num_workers=0, epoch=3))
-    assert [b["captions"] for b in other_epoch] != [b["captions"] for b in serial]
+    assert [b.captions for b in other_epoch] != [b.captions for b in serial]
 
 
 def test_caption_pipeline_is_applied(tmp_path: Path) -> None:
@@ -508,6 +536,6 @@ def test_check_dataset_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     assert "not UTF-8" in report.format()
 
     (train / "wide.txt").write_text("fixed")
-    monkeypatch.setattr("library.data.dataset_config.load_dataset_configs", lambda args: [config], raising=False)
+    monkeypatch.setattr("tools.check_dataset.load_dataset_configs", lambda args: [config])
     assert check_dataset.main(["--family", "sd15"]) == 0
     assert "no problems found" in capsys.readouterr().out

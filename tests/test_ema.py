@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from library.cli.config import build_parser, parse_args
-from library.training.ema import EMASettings, ExponentialMovingAverage, add_ema_arguments, ema_settings_from_args
+from library.cli.optim_args import add_ema_arguments, ema_settings_from_args
+from library.training.ema import EMASettings, ExponentialMovingAverage
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -17,16 +17,16 @@ from accelerate import Accelerator
 from torch import nn
 
 from library.cli import config
-from library.training.accelerate_utils import add_accelerate_arguments
+from library.cli.accelerate_args import add_accelerate_arguments
+from library.cli.optim_args import add_fused_backward_arguments, add_optimizer_arguments, fused_backward_flag_error
+from library.cli.training_args import add_training_arguments
 from library.training.fused_backward import (
     FusedBackwardOptimizer,
-    add_fused_backward_arguments,
     build_fused_optimizer_and_scheduler,
-    fused_backward_flag_error,
     fused_backward_supported,
     unsupported_optimizer_message,
 )
-from library.training.optim import OptimizerSettings, add_optimizer_arguments, build_optimizer, build_optimizer_and_scheduler
+from library.training.optim import OptimizerSettings, build_optimizer, build_optimizer_and_scheduler
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-7}
 LR = 1e-2
@@ -371,7 +371,7 @@ def test_the_facade_refuses_a_non_per_parameter_optimizer_object() -> None:
 
 
 def _parse(*argv: str):
-    parser = config.build_parser("test", config.add_training_arguments, add_optimizer_arguments,
+    parser = config.build_parser("test", add_training_arguments, add_optimizer_arguments,
                                  add_accelerate_arguments, add_fused_backward_arguments)
     return config.parse_args(parser, list(argv))
 

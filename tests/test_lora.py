@@ -11,19 +11,14 @@ import torch
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from library.models.families import standard_configs
+from library.models.family_configs import standard_configs
 from library.models.ldm_layout import unet_table
 from library.models.loading import StableDiffusionModel, build_model
 from library.io import read_safetensors_metadata
 from library.models.tiny_models import build_tiny_model
-from networks.lora import (
-    LoRAModule,
-    LoRAWeightsError,
-    addnet_hash_legacy,
-    create_network,
-    create_network_from_weights,
-    precalculate_safetensors_hashes,
-)
+from library.adapters.errors import LoRAWeightsError
+from library.adapters.lora_files import addnet_hash_legacy, precalculate_safetensors_hashes
+from networks.lora import LoRAModule, create_network, create_network_from_weights
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -51,7 +46,7 @@ def unet_inputs(model: StableDiffusionModel, seed: int = 1) -> dict:
         "timestep": torch.tensor([10, 500]),
         "encoder_hidden_states": torch.randn(2, 77, model.unet.config.cross_attention_dim, generator=generator),
     }
-    if model.family.is_sdxl:
+    if model.family.size_conditioning:
         inputs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(2, model.text_encoders[1].config.projection_dim, generator=generator),
             "time_ids": torch.randn(2, 6, generator=generator),

@@ -17,10 +17,10 @@ from torch import nn
 from library.models.loading import StableDiffusionModel, load_model, save_single_file
 from library.io import read_safetensors_metadata
 from networks import check_lora_weights, extract_lora_from_models, merge_lora, resize_lora
-from networks.check_lora_weights import LoRAFactors, group_modules, read_lora_file
-from networks.extract_lora_from_models import extract_lora_state_dict, low_rank_factors, signed_quantile
+from library.adapters.lora_files import LoRAFactors, group_modules, read_lora_file
+from library.adapters.lora_extract import extract_lora_state_dict, low_rank_factors, signed_quantile
 from networks.lora import LoRAModule, create_network, create_network_from_weights
-from networks.resize_lora import choose_rank, rank_by_sv_cumulative, rank_by_sv_fro, rank_by_sv_ratio, resize_lora_modules
+from library.adapters.lora_resize import choose_rank, rank_by_sv_cumulative, rank_by_sv_fro, rank_by_sv_ratio, resize_lora_modules
 
 ATOL = 1e-5
 
@@ -54,7 +54,7 @@ def unet_inputs(model: StableDiffusionModel) -> dict:
         "timestep": torch.tensor([500]),
         "encoder_hidden_states": torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=generator),
     }
-    if model.family.is_sdxl:
+    if model.family.size_conditioning:
         inputs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(1, model.text_encoders[1].config.projection_dim, generator=generator),
             "time_ids": torch.randn(1, 6, generator=generator),

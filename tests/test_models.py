@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from library.models import ldm_layout
 from library.models.clip_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_clip_tokenizer
-from library.models.families import standard_configs
+from library.models.families import FAMILIES
 from library.models.loading import (
     CONFIG_METADATA_KEY,
     ModelLoadError,
@@ -169,12 +169,12 @@ def test_single_file_uses_the_original_layout(tiny_model_dirs: dict[str, Path], 
 ])
 def test_full_size_layout_matches_real_checkpoints(family: str, expected: dict[str, int]) -> None:
     """On the meta device (no memory): the standard configs map to the key counts of the released files."""
-    configs = standard_configs(family)
+    configs = FAMILIES[family].standard_configs()
     components = _component_state_dicts(build_model(family, configs, empty_weights=True))
-    ldm = ldm_layout.diffusers_to_ldm(components, family, configs)
+    ldm = ldm_layout.diffusers_to_ldm(components, FAMILIES[family].text_encoders, configs)
     assert {prefix: sum(k.startswith(prefix) for k in ldm) for prefix in expected} == expected
     assert sum(v.numel() for v in components["unet"].values()) == {"sd1": 859_520_964, "sdxl": 2_567_463_684}[family]
-    back = ldm_layout.ldm_to_diffusers(ldm, family, configs)
+    back = ldm_layout.ldm_to_diffusers(ldm, FAMILIES[family].text_encoders, configs)
     assert {k: set(v) for k, v in back.items()} == {k: set(v) for k, v in components.items()}
 
 

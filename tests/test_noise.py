@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from library.cli import config as cfg
+from library.cli.data_args import add_dataset_arguments
+from library.cli.model_args import add_model_arguments
+from library.cli.noise_args import add_loss_arguments, add_noise_arguments, loss_options_from_args, noise_options_from_args
+from library.cli.training_args import add_training_arguments
 from library.training.noise import (
     LossOptions,
     NoiseOptions,
-    add_loss_arguments,
     add_noise,
-    add_noise_arguments,
     elementwise_loss,
     huber_c,
-    loss_options_from_args,
     loss_weights,
-    noise_options_from_args,
     noise_schedule,
     resize_mask,
     sample_noise,
@@ -379,8 +379,8 @@ def test_training_loss_combines_everything():
 
 
 def test_arguments_defaults_and_flags():
-    parser = cfg.build_parser("test", cfg.add_model_arguments, cfg.add_dataset_arguments,
-                              cfg.add_training_arguments, add_noise_arguments, add_loss_arguments)
+    parser = cfg.build_parser("test", add_model_arguments, add_dataset_arguments,
+                              add_training_arguments, add_noise_arguments, add_loss_arguments)
     defaults = cfg.parse_args(parser, [])
     assert defaults.noise_offset is None and defaults.multires_noise_discount == 0.3
     assert defaults.loss_type == "l2" and defaults.huber_schedule == "snr" and defaults.huber_c == 0.1
@@ -411,7 +411,7 @@ def test_arguments_defaults_and_flags():
     (["--loss_type", "mse"], "invalid choice"),
 ])
 def test_argument_rules(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]):
-    parser = cfg.build_parser("test", cfg.add_model_arguments, add_noise_arguments, add_loss_arguments)
+    parser = cfg.build_parser("test", add_model_arguments, add_noise_arguments, add_loss_arguments)
     with pytest.raises(SystemExit):
         cfg.parse_args(parser, argv)
     assert message in capsys.readouterr().err

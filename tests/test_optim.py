@@ -17,16 +17,16 @@ import torch
 import transformers.optimization
 
 from library.cli import config
+from library.cli.optim_args import add_optimizer_arguments, optimizer_settings_from_args
+from library.cli.training_args import add_training_arguments
+from library.training.optimizer_names import OPTIMIZERS
 from library.training.optim import (
-    OPTIMIZERS,
     OptimizerSettings,
-    add_optimizer_arguments,
     build_optimizer,
     build_optimizer_and_scheduler,
     build_scheduler,
     effective_scheduler_name,
     is_schedule_free,
-    optimizer_settings_from_args,
     parse_optimizer_args,
     parse_step_count,
     scheduler_steps,
@@ -467,7 +467,7 @@ def test_build_optimizer_and_scheduler_scales_all_counts_by_processes():
 
 
 def _parse(argv: list[str]):
-    parser = config.build_parser("test", config.add_training_arguments, add_optimizer_arguments)
+    parser = config.build_parser("test", add_training_arguments, add_optimizer_arguments)
     return config.parse_args(parser, argv)
 
 

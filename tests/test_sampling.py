@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from library.cli.config import parse_args
+from library.cli.sampling_args import add_sampling_arguments
 from library.training.sampling import (
     SAMPLER_NAMES,
     SamplePrompt,
     SamplePromptError,
-    add_sampling_arguments,
     default_seed,
     generate_samples,
     load_sample_prompts,

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from library.models.clip_tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
-from library.models.families import tiny_configs
+from library.models.family_configs import tiny_configs
 from library.models.text_encoding import (
     EncodedPrompts,
     PromptEncoder,

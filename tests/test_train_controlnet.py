@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-import library.cli.script_flow as script_flow
 import train_controlnet
+from library.training.loop import Callback
 from library.models.controlnet_models import load_controlnet
 from library.models.loading import load_model
 from tools import canny, make_controlnet_dataset
@@ -34,20 +34,19 @@ def folder_data(root: Path) -> tuple[str, ...]:
             "--caption_extension", ".caption")
 
 
-def test_sd15_controlnet_trains_saves_both_formats_and_runs_in_diffusers(tiny_model_dirs, canny_data, tmp_path,
-                                                                         monkeypatch):
+def test_sd15_controlnet_trains_saves_both_formats_and_runs_in_diffusers(tiny_model_dirs, canny_data, tmp_path):
     snapshots = {}
-    original_train = script_flow.train
 
-    def train_and_watch_the_unet(run):
-        snapshots["before"] = {k: v.clone() for k, v in run.trainee.model.unet.state_dict().items()}
-        state = original_train(run)
-        snapshots["after"] = run.trainee.model.unet.state_dict()
-        return state
+    class WatchTheUNet(Callback):
+        def on_train_start(self, run, state):
+            snapshots["before"] = {k: v.clone() for k, v in run.trainee.model.unet.state_dict().items()}
 
-    monkeypatch.setattr(script_flow, "train", train_and_watch_the_unet)
+        def on_train_end(self, run, state):
+            snapshots["after"] = run.trainee.model.unet.state_dict()
+
     model = tiny_model_dirs["sd15"]
-    assert train_controlnet.main(args_for(model, tmp_path / "file", 2, *folder_data(canny_data))) == 0
+    assert train_controlnet.main(args_for(model, tmp_path / "file", 2, *folder_data(canny_data)),
+                                 callbacks=[WatchTheUNet()]) == 0
     assert all(torch.equal(snapshots["before"][k], snapshots["after"][k]) for k in snapshots["before"])  # base frozen
     assert train_controlnet.main(args_for(model, tmp_path / "folder", 2, *folder_data(canny_data),
                                           extra=("--save_model_as", "diffusers"))) == 0

@@ -203,7 +203,7 @@ def minimal_unet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SD1 with two UNet levels and one layer per block: the smallest real graph for torch.compile."""
     import copy
 
-    from library.models.families import tiny_configs
+    from library.models.family_configs import tiny_configs
     from library.models.loading import build_model, save_diffusers
 
     configs = copy.deepcopy(tiny_configs("sd1"))
@@ -271,28 +271,55 @@ def test_ddp_on_two_cpu_processes(tiny_model_dirs, sample_data, tmp_path, launch
     assert (output / "lora.safetensors").is_file()
 
 
-def test_schedule_free_optimizer_switches_to_eval_for_samples_and_saves(tiny_model_dirs, sample_data, tmp_path,
-                                                                        monkeypatch):
-    import library.training.run_setup as run_setup
+def test_schedule_free_optimizer_switches_to_eval_for_samples_and_saves(tiny_model_dirs, sample_data, tmp_path):
+    from library.training.callbacks import PeriodicSampling
+    from library.training.loop import Callback
     from library.training.optim import is_schedule_free
 
-    modes = []
-    original = run_setup.sampling.generate_samples
+    class Optimizer(Callback):
+        def on_train_start(self, run, state):
+            assert is_schedule_free(run.prepared.optimizer)
+            self.optimizer = run.prepared.optimizer
 
-    def record(*args, **kwargs):
-        import gc
-
-        optimizers = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer) and is_schedule_free(o)]
-        modes.append({o.param_groups[0]["train_mode"] for o in optimizers})
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(run_setup.sampling, "generate_samples", record)
+    modes, optimizer = [], Optimizer()
+    # sampled at the same points as --sample_prompts, inside the same evaluation context
+    recorder = PeriodicSampling(lambda step, epoch: modes.append(optimizer.optimizer.param_groups[0]["train_mode"]),
+                                every_n_steps=2, every_n_epochs=None, at_first=False)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a circle --w 64 --h 64 --s 1\n")
     output = tmp_path / "out"
     assert train_network.main(lora_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--optimizer_type",
                                         "AdamWScheduleFree", "--sample_prompts", str(prompts),
-                                        "--sample_every_n_steps", "2")) == 0
-    assert modes == [{False}]  # sampled with the averaged (eval-mode) weights
+                                        "--sample_every_n_steps", "2"), callbacks=[optimizer, recorder]) == 0
+    assert modes == [False]  # sampled with the averaged (eval-mode) weights
+    assert optimizer.optimizer.param_groups[0]["train_mode"]  # and back to training after
     with safe_open(str(output / "lora.safetensors"), "pt") as handle:
         assert "schedulefree" in handle.metadata()["ss_optimizer"].lower()
+
+
+def test_a_third_party_network_module_with_only_kohyas_api_trains(tiny_model_dirs, sample_data, tmp_path):
+    """--network_module with kohya's create_network signature (no clip_skip) and its own network class."""
+    from tests.helpers import kohya_style_network
+
+    kohya_style_network.CALLS.clear()
+    output = tmp_path / "out"
+    assert train_network.main(lora_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--network_module",
+                                        "tests.helpers.kohya_style_network", "--network_args", "foo=bar")) == 0
+    assert kohya_style_network.CALLS == [{"multiplier": 1.0, "network_dim": 4, "network_alpha": 2.0,
+                                          "neuron_dropout": None, "foo": "bar"}]
+    tensors = lora_tensors(output / "lora.safetensors")
+    assert tensors and all(k.endswith((".down.weight", ".up.weight")) for k in tensors)
+    assert all(v.abs().sum() > 0 for k, v in tensors.items() if k.endswith(".up.weight"))
+
+
+def test_a_new_adapter_kind_trains_as_a_network_module(tiny_model_dirs, sample_data, tmp_path):
+    """The toy adapter of tests/helpers/scaled_delta_network.py (one module class) through the trainer."""
+    output = tmp_path / "out"
+    assert train_network.main(lora_args(tiny_model_dirs["sd15"], sample_data, output, 2, "--network_module",
+                                        "tests.helpers.scaled_delta_network")) == 0
+    tensors = lora_tensors(output / "lora.safetensors")
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    assert all(k.endswith((".delta", ".alpha")) for k in tensors)
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if k.startswith("lora_unet_") and k.endswith(".delta"))
+    with safe_open(str(output / "lora.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_network_module"] == "tests.helpers.scaled_delta_network"

@@ -119,26 +119,28 @@ def test_deepspeed_zero2_two_processes_saves_a_loadable_model(tiny_model_dirs, s
     assert all(torch.isfinite(v).all() for v in saved.unet.state_dict().values())
 
 
-def test_ema_saves_the_closed_form_average_and_samples_with_it(tiny_model_dirs, sample_data, tmp_path, monkeypatch):
+def test_ema_saves_the_closed_form_average_and_samples_with_it(tiny_model_dirs, sample_data, tmp_path):
     """decay 0.5, no warm-up, 3 steps: ema = d^3 w0 + (1-d)(d^2 w1 + d w2 + w3), with w_i the raw weights after
     step i (saved with --save_raw_too); sampling at step 3 must see the EMA weights."""
-    import library.training.run_setup as run_setup
+    from library.training.callbacks import PeriodicSampling
+    from library.training.loop import Callback
 
-    seen = []
-    original = run_setup.sampling.generate_samples
+    class Trainee(Callback):
+        def on_train_start(self, run, state):
+            self.unet = run.trainee.model.unet
 
-    def record(model, *args, **kwargs):
-        seen.append(model.unet.conv_in.weight.detach().clone())
-        return original(model, *args, **kwargs)
-
-    monkeypatch.setattr(run_setup.sampling, "generate_samples", record)
+    seen, trainee = [], Trainee()
+    # sampled at the same points as --sample_prompts, with the same (evaluation) weights
+    recorder = PeriodicSampling(lambda step, epoch: seen.append(trainee.unet.conv_in.weight.detach().clone()),
+                                every_n_steps=3, every_n_epochs=None, at_first=False)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a circle --w 64 --h 64 --s 1\n")
     output = tmp_path / "out"
     assert train_sdxl.main(args_for(tiny_model_dirs["sdxl"], sample_data, output, 3, "--use_ema", "--ema_decay", "0.5",
                                     "--no_ema_warmup", "--save_raw_too", "--save_every_n_steps", "1",
                                     "--save_model_as", "safetensors", "--sample_prompts", str(prompts),
-                                    "--sample_every_n_steps", "3")) == 0
+                                    "--sample_every_n_steps", "3"), callbacks=[trainee, recorder]) == 0
+    assert len(list(output.glob("sample/*.png"))) == 1  # --sample_prompts sampled at step 3 too
     w = [load_model(tiny_model_dirs["sdxl"]).unet.state_dict()]
     w += [load_model(output / f"model-step0000000{i}-raw.safetensors").unet.state_dict() for i in (1, 2)]
     w += [load_model(output / "model-raw.safetensors").unet.state_dict()]

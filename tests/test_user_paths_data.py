@@ -22,7 +22,7 @@ from PIL import Image
 from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.data.datasets import TrainingDataset
 from library.data.images import load_image, to_tensor, verify_image
-from library.data.records import build_dataset_index
+from library.data.dataset_index import build_dataset_index
 from tests.helpers.user_paths import assert_one_error_line
 
 
@@ -69,9 +69,9 @@ def test_controlnet_trains_on_a_flat_folder_with_a_filter(run_script, tiny_model
 
 def test_flat_folder_captions_come_from_the_caption_extension(tmp_path):
     """Without a sidecar in --caption_extension (and no class tokens) the image is a problem naming it."""
-    from library.cli.config import add_dataset_arguments, build_parser
-    from library.data.dataset_config import load_dataset_configs
-    from library.data.conditioning import add_conditioning_arguments
+    from library.cli.config import build_parser
+    from library.cli.data_args import add_conditioning_arguments, add_dataset_arguments, dataset_flags_from_args
+    from library.data.dataset_config_loading import load_dataset_configs
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -81,7 +81,7 @@ def test_flat_folder_captions_come_from_the_caption_extension(tmp_path):
     parser = build_parser("t", add_dataset_arguments, add_conditioning_arguments)
     args = parser.parse_args(["--train_data_dir", str(imgs), "--conditioning_filter", "canny",
                               "--caption_extension", ".txt", "--resolution", "64"])
-    index = build_dataset_index(load_dataset_configs(args), verify_images=False)
+    index = build_dataset_index(load_dataset_configs(dataset_flags_from_args(args)), verify_images=False)
     assert [r.caption for r in index.records if r.image_path.name == "a.png"] == ["a photo of a"]
     assert [p.location for p in index.problems] == [str(imgs / "b.png")]
     assert "no caption file b.txt" in index.problems[0].what
@@ -207,7 +207,7 @@ def test_decode_error_during_training_names_the_file(shapes_data, tmp_path):
     with pytest.raises(ImageReadError, match="shape_000.png: cannot decode the image"):
         training[position]
 
-    from library.training.run_setup import user_errors
+    from library.cli.setup_from_args import user_errors
 
     assert issubclass(ImageReadError, user_errors())
 
@@ -396,8 +396,8 @@ def test_different_batch_sizes_are_one_error_line(run_script, tiny_model_dirs, s
 
 
 def test_unwritable_latent_cache_is_one_error_naming_the_file(tmp_path):
-    from library.cache.storage import CacheFileError, _write_npz_atomic
-    from library.training.run_setup import user_errors
+    from library.cache.latent_files import CacheFileError, _write_npz_atomic
+    from library.cli.setup_from_args import user_errors
 
     blocker = tmp_path / "images"
     blocker.write_text("a file where the image folder should be")
@@ -407,7 +407,7 @@ def test_unwritable_latent_cache_is_one_error_naming_the_file(tmp_path):
 
 
 def test_damaged_cached_latent_while_training_is_one_error_naming_it(tmp_path):
-    from library.cache.storage import CacheFileError, load_cached_latents
+    from library.cache.latent_files import CacheFileError, load_cached_latents
 
     damaged = tmp_path / "x_0064x0064_sd.npz"
     damaged.write_bytes(b"PK\x03\x04 not really a zip")

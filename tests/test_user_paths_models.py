@@ -18,8 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from library.models.loading import detect_model_family, load_model, save_single_file
-from library.training.run_setup import peek_family
+from library.models.families import detect_family
+from library.models.loading import load_model, save_single_file
+from library.cli.setup_from_args import peek_family
 from library.models.text_encoding import PromptEncoder
 from library.models.tiny_models import build_tiny_model
 from networks.lora import LoRANetwork, create_network
@@ -125,9 +126,10 @@ def test_start_up_and_loading_see_the_same_family(tiny_model_dirs, single_files,
     expected = FAMILY_NAMES[family]
     for path in (tiny_model_dirs[family], single_files[family]):
         args = argparse.Namespace(family=None, pretrained_model_name_or_path=str(path), v2=False)
-        assert peek_family(args) == detect_model_family(path) == load_model(path).family.name == expected
+        loaded = load_model(path).family
+        assert peek_family(args) is detect_family(path) is loaded and loaded.name == expected
     if family == "sd15":
-        assert detect_model_family(single_files["sd15_ckpt"]) == "sd1"
+        assert detect_family(single_files["sd15_ckpt"]).name == "sd1"
 
 
 def test_sd15_folder_is_planned_with_the_sd_bucket_step(tiny_model_dirs, shapes_data, tmp_path, run_script):

@@ -191,6 +191,7 @@ def test_start_up_check_names_every_save_of_the_run(tmp_path):
     """Step saves follow --max_train_steps; epoch saves, whose count needs the data, are matched by name."""
     import train_network
     from library.training.output_checks import OutputError, check_outputs, count_model_saves
+    from library.cli.training_args import output_options_from_args
 
     output = tmp_path / "out"
     output.mkdir()
@@ -201,12 +202,12 @@ def test_start_up_check_names_every_save_of_the_run(tmp_path):
     def problem(*flags: str) -> str:
         args = config.parse_args(parser, ["--output_dir", str(output), "--output_name", "lora", *flags])
         with pytest.raises(OutputError) as raised:
-            check_outputs(args)
+            check_outputs(output_options_from_args(args))
         return str(raised.value)
 
     args = config.parse_args(parser, ["--output_dir", str(output), "--output_name", "lora", "--max_train_steps", "4",
                                       "--save_every_n_steps", "2"])
-    check_outputs(args)
+    check_outputs(output_options_from_args(args))
     (output / "lora-step00000002.safetensors").write_bytes(b"")
     assert "lora-step00000002.safetensors already exists" in problem("--max_train_steps", "4", "--save_every_n_steps", "2")
     (output / "lora-000003-state").mkdir()
@@ -300,13 +301,13 @@ def test_resume_into_the_runs_own_output_dir(run_script, tiny_model_dirs, sdxl_s
 @pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
                                    FileExistsError(errno.EEXIST, "File exists")])
 def test_errors_while_saving_are_one_line(tiny_model_dirs, shapes_data, tmp_path, monkeypatch, capsys, error):
+    import safetensors.torch
     import train_network
-    from library import io as safetensors_io
 
     def refuse(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(safetensors_io, "save_file", refuse)
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)  # library.io imports it when it saves
     output = tmp_path / "out"
     assert train_network.main(list(map(str, lora_args(tiny_model_dirs["sd15"], shapes_data, output, 1)))) == 1
     err = capsys.readouterr().err

@@ -5,7 +5,7 @@
 
 Takes the training scripts' model and dataset flags (and --config_file, so a training config's model and
 dataset keys work), builds the dataset exactly as training does, computes every record's final prompt
-(caption/tags merged, prefix/suffix, separators; see ``library.dataset_caching``) and encodes the ones the
+(caption/tags merged, prefix/suffix, separators; see ``library.cache.dataset_caching``) and encodes the ones the
 cache does not have yet (plus the empty prompt, for caption dropout). Train with the same model, flags and
 ``--cache_text_encoder_outputs_to_disk`` to use them.
 
@@ -27,22 +27,16 @@ from typing import Sequence
 
 import torch
 
-from library.cli.config import (
-    add_dataset_arguments,
-    add_model_arguments,
-    build_parser,
-    parse_args,
-    positive_int,
-)
-from library.cache.dataset_caching import (
-    NotCacheableError,
-    dataset_prompts,
-    default_text_cache_dir,
-    fill_text_cache,
-    raise_if_not_cacheable,
-)
-from library.data.dataset_config import DatasetConfigError, load_dataset_configs
-from library.data.records import DatasetProblems, load_dataset_index
+from library.cli.config import build_parser, parse_args, positive_int
+from library.cli.data_args import add_dataset_arguments, dataset_flags_from_args
+from library.cli.model_args import add_model_arguments
+from library.cache.dataset_caching import dataset_prompts, default_text_cache_dir, fill_text_cache
+from library.data.cacheable import NotCacheableError, raise_if_not_cacheable
+from library.data.dataset_config import DatasetConfigError
+from library.data.dataset_config_loading import load_dataset_configs
+from library.data.dataset_index import load_dataset_index
+from library.data.records import DatasetProblems
+from library.models.families import FINEST_BUCKET_STEP, SD2
 from library.models.loading import ModelLoadError, load_model
 from library.models.text_encoding import PromptEncoder
 
@@ -63,15 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pretrained_model_name_or_path is None:
         parser.error("--pretrained_model_name_or_path is required: the text encoders come from the model")
     try:
-        datasets = load_dataset_configs(args)
+        datasets = load_dataset_configs(dataset_flags_from_args(args))
         # Pixels are not read here: header sizes are enough for the records (training verifies the files);
-        # buckets do not matter for prompts, so the permissive SDXL step rule is used.
-        index = load_dataset_index(datasets, min_step=32, verify_images=False)
+        # buckets do not matter for prompts, so the finest (most permissive) step of any family is used.
+        index = load_dataset_index(datasets, min_step=FINEST_BUCKET_STEP, verify_images=False)
         raise_if_not_cacheable(index, cache_latents=False, cache_text=True)  # before the slow model load
     except (DatasetConfigError, DatasetProblems, NotCacheableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    family = args.family or ("sd21" if args.v2 else None)
+    family = args.family or (SD2.cli_name if args.v2 else None)
     try:
         model = load_model(args.pretrained_model_name_or_path, family=family, vae=None)
     except (ModelLoadError, ValueError) as error:

@@ -5,7 +5,7 @@
 Every image directly in INPUT_DIR (png/jpg/jpeg/webp/bmp, any letter case; sub-folders are not read) becomes
 ``OUTPUT_DIR/<same stem>.png``: white edges on black, 3 channels, the size of the image as displayed (EXIF
 rotation applied, transparency on white, exactly as training loads it), computed by
-``library.conditioning.CannyFilter`` -- the filter ``--conditioning_filter canny`` applies during training,
+``library.data.conditioning.CannyFilter`` -- the filter ``--conditioning_filter canny`` applies during training,
 so pre-computed and on-the-fly maps are identical. The training dataset matches a conditioning image to its
 target by stem, so the PNG extension does not have to match the image's.
 
@@ -25,23 +25,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
-from PIL import Image
-
 from library.data.conditioning import CannyFilter, ConditioningFilter
 from library.data.images import load_rgb
 from library.data.metadata import MetadataError, format_names, list_images
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> None:
-    """Write ``path`` via a temp file in the same folder, so it is either complete or absent."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+from library.io import atomic_write_file
 
 
 def duplicate_stems(images: Sequence[Path]) -> list[str]:
@@ -58,7 +45,7 @@ def convert_one(source: Path, target: Path, conditioning_filter: ConditioningFil
         control = conditioning_filter(load_rgb(source))
     except (OSError, ValueError) as error:  # PIL: UnidentifiedImageError, truncated files, ...
         return f"{source}: {type(error).__name__}: {error}"
-    save_png_atomic(control, target)
+    atomic_write_file(target, lambda handle: control.save(handle, format="PNG"))
     return None
 
 

@@ -7,7 +7,7 @@ Prints image/repeat/reg counts, the per-bucket histogram (with upscaled images) 
 can take, caption/tag coverage, the start-up warnings (files that are not read as images, images upscaled
 more than 4x, captions longer than --max_token_length) and every problem (missing, corrupt or
 mis-captioned files, images whose data does not decode), and exits with status 1 when there is a problem.
-The checks are the training start-up's own: ``library.records.build_dataset_index``. The core,
+The checks are the training start-up's own: ``library.data.dataset_index.build_dataset_index``. The core,
 :func:`check_datasets`, returns a :class:`CheckReport`.
 
 Caches: with --cache_latents_to_disk it also counts the images whose npz is valid / missing / stale (as
@@ -31,22 +31,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from library.data.buckets import Size
-from library.cli.config import add_dataset_arguments, add_model_arguments, build_parser, parse_args
-from library.cache.dataset_caching import (
-    LatentCacheLocation,
-    check_cacheable,
-    latent_cache_mode,
-    latent_cache_status,
-    text_cache_mode,
-)
+from library.cli.config import build_parser, parse_args
+from library.cli.data_args import add_dataset_arguments, dataset_flags_from_args, latent_cache_mode, text_cache_mode
+from library.cli.model_args import add_model_arguments
+from library.cache.dataset_caching import LatentCacheLocation, latent_cache_status
+from library.data.cacheable import check_cacheable
 from library.data.dataset_config import DatasetConfig, DatasetConfigError
-from library.data.records import (
-    DatasetIndex,
-    ImageRecord,
-    Problem,
-    build_dataset_index,
-    format_problems,
-)
+from library.data.dataset_config_loading import load_dataset_configs
+from library.data.dataset_index import build_dataset_index
+from library.data.records import DatasetIndex, ImageRecord, Problem, format_problems
+from library.models.families import FAMILY_WHEN_UNKNOWN, FINEST_BUCKET_STEP, SD2, ModelFamily, resolve_family
 
 
 @dataclass(frozen=True)
@@ -187,7 +181,7 @@ def report_from_index(index: DatasetIndex) -> CheckReport:
 
 
 def latent_cache_report(index: DatasetIndex, location: LatentCacheLocation) -> LatentCacheReport:
-    """Count the images' npz files by state (``cache.check_latent_cache``, as training would)."""
+    """Count the images' npz files by state (``latent_files.check_latent_cache``, as training would)."""
     states = [(path, status) for _, path, status in latent_cache_status(index, location)]
     return LatentCacheReport(
         valid=sum(status.state == "valid" for _, status in states),
@@ -208,19 +202,25 @@ def check_datasets(datasets: Sequence[DatasetConfig], min_step: int = 32, verify
                                 max_token_length=max_token_length)
     report = report_from_index(index)
     cache_latents = cache_latents or disk_latents is not None
-    cache_problems = tuple(check_cacheable(index, cache_latents, cache_text, disk_latents))
+    conflicts = disk_latents.conflicts(index) if disk_latents is not None else []
+    cache_problems = tuple(check_cacheable(index, cache_latents, cache_text, conflicts))
     latent_report = None
     if disk_latents is not None and not cache_problems:
         latent_report = latent_cache_report(index, disk_latents)
     return replace(report, latent_cache=latent_report, cache_problems=cache_problems)
 
 
+def family_for(args: argparse.Namespace) -> ModelFamily | None:
+    """The family ``--family`` (or ``--v2``) names; None when neither is given (no model is loaded)."""
+    if getattr(args, "family", None):
+        return resolve_family(args.family)
+    return SD2 if getattr(args, "v2", False) else None
+
+
 def min_step_for(args: argparse.Namespace) -> int:
     """Bucket granularity of the model family: 32 for SDXL (or unknown), 64 for SD1/SD2."""
-    family = getattr(args, "family", None)
-    if family in ("sd15", "sd21") or getattr(args, "v2", False):
-        return 64
-    return 32
+    family = family_for(args)
+    return FINEST_BUCKET_STEP if family is None else family.bucket_step
 
 
 def build_check_parser() -> argparse.ArgumentParser:
@@ -237,17 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, check, print the report; 0 when training would start, 1 otherwise."""
     parser = build_check_parser()
     args = parse_args(parser, argv)
-    from library.data.dataset_config import load_dataset_configs  # being written alongside; imported late
-
     try:
-        datasets = load_dataset_configs(args)
+        datasets = load_dataset_configs(dataset_flags_from_args(args))
     except DatasetConfigError as error:
         print(f"dataset config error: {error}", file=sys.stderr)
         return 2
     min_step = min_step_for(args)
     latent_mode = latent_cache_mode(args)
-    is_sdxl = min_step == 32  # the family's npz suffix: SDXL unless --family sd15/sd21 or --v2
-    disk_latents = LatentCacheLocation(is_sdxl=is_sdxl) if latent_mode == "disk" else None
+    npz_family = family_for(args) or FAMILY_WHEN_UNKNOWN  # the npz suffix: SDXL's unless --family or --v2
+    disk_latents = LatentCacheLocation(npz_family) if latent_mode == "disk" else None
     report = check_datasets(datasets, min_step=min_step, verify_images=not args.skip_verify,
                             disk_latents=disk_latents, cache_latents=latent_mode is not None,
                             cache_text=text_cache_mode(args) is not None,

@@ -18,7 +18,7 @@ Tags (a string of tags separated by ", "):
   4. a one-word tag (or "hair ornament") is dropped when a longer tag ends with it after whole words:
      `shirt, white shirt` -> `white shirt` (`off-shoulder shirt` does not count: `-` is not a word letter);
   5. the tags are joined again with ", ".
-Captions: the fixed (find, replace) list `library.metadata.CAPTION_REPLACEMENTS` (anime/cartoon woman,
+Captions: the fixed (find, replace) list `library.data.metadata.CAPTION_REPLACEMENTS` (anime/cartoon woman,
 lady, female, person, people ... -> girl/girls, "young " removed, "a cartoon image" -> "an image", ...),
 applied in order, each until it no longer matches. They are plain substring replacements, exactly as in
 kohya ("personal" becomes "girlal"); use them only for BLIP-style captions of anime pictures.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 
 from library.data.metadata import MetadataError, clean_metadata, format_names, load_metadata, write_json_atomic
 

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from library.models.families import FAMILY_ALIASES
 from library.models.loading import SAVE_DTYPES, ModelLoadError, load_model, save_diffusers, save_single_file
 

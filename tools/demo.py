@@ -20,6 +20,7 @@ import torch
 
 import train_network
 from library.models.loading import load_model, save_single_file
+from library.models.families import SDXL
 from library.models.tiny_models import build_tiny_model
 from tools.make_sample_dataset import make_sample_dataset
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     checkpoint = out / "tiny_sdxl.safetensors"
-    save_single_file(build_tiny_model("sdxl", seed=0), checkpoint)
+    save_single_file(build_tiny_model(SDXL, seed=0), checkpoint)
     print(f"[1/4] tiny SDXL checkpoint (single file, original layout): {checkpoint}")
 
     meta = make_sample_dataset(out / "data", count=12, size=96, seed=0)

@@ -6,7 +6,7 @@
 
 Writes, for the n-th captioned image (sorted by file name, numbered from 0)::
 
-    OUTPUT_DIR/source/<n>.png   the control image (``library.conditioning`` filter, as in training)
+    OUTPUT_DIR/source/<n>.png   the control image (``library.data.conditioning`` filter, as in training)
     OUTPUT_DIR/target/<n>.png   the image as training loads it (EXIF rotation applied, transparency on white)
     OUTPUT_DIR/prompt.json      one JSON object per line:
                                 {"source": "source/0.png", "target": "target/0.png", "prompt": "..."}
@@ -29,7 +29,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
 
 from library.data.conditioning import FILTERS, ConditioningFilter, make_filter
 from library.data.images import load_rgb

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from library.models.families import FAMILY_ALIASES
 from library.models.tiny_models import make_tiny_model
 

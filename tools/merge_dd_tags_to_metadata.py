@@ -12,24 +12,13 @@ listed on stderr and left out.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-
-from library.data.metadata import run_merge
+from library.cli.metadata_merge import build_merge_parser, run_merge
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("train_data_dir", help="folder with the training images and their tag files")
-    parser.add_argument("out_json", help="metadata JSON to write (may be the same file as --in_json)")
-    parser.add_argument("--in_json", default=None,
-                        help="metadata JSON to start from (default: out_json if it exists, else empty)")
-    parser.add_argument("--caption_extension", default=".txt", help="tag file extension (default .txt)")
-    parser.add_argument("--full_path", action="store_true", help="use absolute image paths as keys")
-    parser.add_argument("--recursive", action="store_true",
-                        help="also look in sub-folders (keys become relative paths unless --full_path)")
-    parser.add_argument("--debug", action="store_true", help="print each key and its tags")
+    parser = build_merge_parser(__doc__, side_file="tag", default_extension=".txt", shown="its tags")
     args = parser.parse_args(argv)
 
     return run_merge(args, "tags", args.caption_extension)

@@ -5,7 +5,7 @@
 
 For every image of train_data_dir whose key (bare stem; relative path with --recursive; absolute path with
 --full_path, as written by the merge tools) is in in_json, it picks the bucket exactly as training does
-(``library.buckets`` via ``datasets.make_dataset_bucket_set``), encodes the centre crop with the model's
+(``library.data.buckets`` via ``datasets.make_dataset_bucket_set``), encodes the centre crop with the model's
 VAE (and the mirrored crop with --flip_aug) into kohya's ``<stem>_<WWWW>x<HHHH>_sd.npz`` /
 ``_sdxl.npz`` beside the image, and writes out_json (atomically) with each entry's ``train_resolution``
 ([w, h], the bucket) and ``image_size`` ([w, h], as displayed). Train on it with
@@ -14,8 +14,8 @@ bucket flags: the files are then valid and nothing is re-encoded; with other fla
 
 Where this differs from kohya's script:
 
-* kohya's current script writes neither the npz files nor ``train_resolution`` (reference §1.4/§9.8);
-  this one writes both, in the format kohya's training and ours read.
+* kohya's current script writes neither the npz files nor ``train_resolution``; this one writes both, in
+  the format kohya's training and ours read.
 * ``--skip_existing`` skips only VALID files (right latent shape, flip present if asked, image unchanged,
   same crop); a stale one is rebuilt. kohya checked the shape only.
 * Images whose key is not in in_json are listed and left out (kohya adds an empty entry, which then
@@ -36,11 +36,12 @@ from typing import Sequence
 
 import torch
 
-from library.cache.storage import LatentJob, fill_latent_cache
-from library.cli.config import MIXED_PRECISION_CHOICES, positive_int
+from library.cache.latent_files import LatentJob, fill_latent_cache
+from library.cli.config import positive_int
+from library.cli.training_args import MIXED_PRECISION_CHOICES
 from library.cache.dataset_caching import latent_job_for, load_job_pixels
 from library.data.dataset_config import DatasetConfig, parse_resolution
-from library.data.records import make_dataset_bucket_set
+from library.data.dataset_index import make_dataset_bucket_set
 from library.data.images import read_image_size
 from library.data.metadata import (
     MetadataError,
@@ -50,6 +51,7 @@ from library.data.metadata import (
     load_metadata,
     write_json_atomic,
 )
+from library.models.families import SD2
 from library.models.loading import ModelLoadError, load_model
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -105,15 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MetadataError as error:
         return _fail(str(error))
     try:
-        model = load_model(args.model_name_or_path, family="sd21" if args.v2 else None)
+        model = load_model(args.model_name_or_path, family=SD2.cli_name if args.v2 else None)
     except (ModelLoadError, ValueError) as error:
         return _fail(str(error))
-    is_sdxl = model.family.is_sdxl
     bucket_setup = DatasetConfig(kind="finetuning", subsets=(), resolution=resolution, enable_bucket=True,
                                  min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
                                  bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale)
     try:
-        bucket_set = make_dataset_bucket_set(bucket_setup, min_step=32 if is_sdxl else 64)
+        bucket_set = make_dataset_bucket_set(bucket_setup, min_step=model.family.bucket_step)
     except ValueError as error:
         return _fail(f"bucket settings: {error}")
     assert bucket_set is not None
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = args.max_data_loader_n_workers
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     result = fill_latent_cache(list(jobs.values()), vae, load_job_pixels, batch_size=args.batch_size,
-                               skip_valid=args.skip_existing, is_sdxl=is_sdxl, seed=args.seed,
+                               skip_valid=args.skip_existing, family=model.family, seed=args.seed,
                                load_workers=workers)
 
     out = {key: dict(entry) for key, entry in metadata.items()}

@@ -2,9 +2,10 @@
 
 The order at start-up::
 
-    location = LatentCacheLocation(is_sdxl=True)                     # npz beside the images (kohya's place)
-    raise_if_not_cacheable(index, cache_latents=True, cache_text=True, location=location)  # before any model
-    fill_latent_caches(index, vae, location, batch_size=args.vae_batch_size, rank=r, world_size=n)
+    location = LatentCacheLocation(model.family)                     # npz beside the images (kohya's place)
+    raise_if_not_cacheable(index, cache_latents=True, cache_text=True,  # library.data.cacheable, before any model
+                           latent_conflicts=location.conflicts(index))
+    fill_latent_caches(index, vae, location, batch_size=vae_batch_size, rank=r, world_size=n)
     text_cache = fill_text_cache(index, prompt_encoder, default_text_cache_dir(index.datasets))
     dataset = TrainingDataset(index, seed, latent_cache=location, text_cache=text_cache)
 
@@ -12,9 +13,10 @@ Latents are encoded once per image (not per repeat) from the deterministic centr
 (``images.plan_crop`` with ``random_crop=False``); with flip_aug the mirrored crop is encoded as well and
 stored as ``latents_flipped``, and each draw picks one of the two with the sample's seeded flip, exactly the
 decision the pixel path would make. Text-encoder outputs are cached per final prompt text (see
-``cache.TextEncoderOutputCache``), so a record's entry is found from the caption the dataset builds.
+``text_encoder_files.TextEncoderOutputCache``), so a record's entry is found from the caption the dataset builds.
 
-The two modes of each cache (``latent_cache_mode`` / ``text_cache_mode`` read the kohya flags):
+The two modes of each cache (``library.cli.data_args.latent_cache_mode`` / ``text_cache_mode`` read the kohya
+flags):
 
 * ``"disk"`` (``--cache_latents_to_disk``, ``--cache_text_encoder_outputs_to_disk``): latents as kohya npz
   files beside the images, text outputs in ``--text_encoder_cache_dir`` (default
@@ -26,7 +28,7 @@ The two modes of each cache (``latent_cache_mode`` / ``text_cache_mode`` read th
   into each worker, and the dataset code has one cache path instead of two. Each dataset gets its own
   subfolder, so one image used by two datasets at two resolutions gets two files.
 
-Where this differs from kohya (reference §2.8-2.9):
+Where this differs from kohya:
 
 * A disk npz holds one bucket/crop per image (kohya's format); an image that two datasets use at different
   buckets cannot share it, so that is refused with a clear message (kohya silently reuses the first
@@ -42,7 +44,6 @@ Where this differs from kohya (reference §2.8-2.9):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import random
 from collections.abc import Sequence
@@ -54,46 +55,29 @@ import torch
 from torch import nn
 
 from library.data.buckets import Size
-from library.cache.storage import (
+from library.cache.latent_files import (
     CacheStatus,
     LatentFillResult,
     LatentJob,
-    TextEncoderOutputCache,
     check_latent_cache,
     fill_latent_cache,
-    fill_text_encoder_cache,
     latent_cache_path,
-    text_encoder_cache_identity,
+    load_cached_latents,
 )
-from library.data.captions import CaptionOptions, build_prompt, is_caption_random, merge_caption_and_tags
+from library.cache.text_encoder_files import TextEncoderOutputCache, fill_text_encoder_cache, text_encoder_cache_identity
+from library.data.cacheable import raise_if_not_cacheable, without_dropout
+from library.data.captions import build_prompt
 from library.data.dataset_config import DatasetConfig
 from library.data.images import CropPlan, ImageReadError, apply_crop_plan, load_image, mask_to_tensor, plan_crop, to_tensor
+from library.data.datasets import CachedLatents
 from library.data.records import DatasetIndex, ImageRecord
+from library.data.sharding import rank_share
+from library.models.families import SD1, ModelFamily
 from library.models.text_encoding import PromptEncoder
 
 
 CacheMode = Literal["disk", "run"]
 TEXT_CACHE_FOLDER = ".te_cache"
-
-
-# --------------------------------------------------------------------------------------------------
-# Modes from the command line
-# --------------------------------------------------------------------------------------------------
-
-
-def latent_cache_mode(args: argparse.Namespace) -> CacheMode | None:
-    """"disk" for --cache_latents_to_disk (which implies --cache_latents), "run" for --cache_latents, else None."""
-    if getattr(args, "cache_latents_to_disk", False):
-        return "disk"
-    return "run" if getattr(args, "cache_latents", False) else None
-
-
-def text_cache_mode(args: argparse.Namespace) -> CacheMode | None:
-    """"disk" for --cache_text_encoder_outputs_to_disk (implies the other), "run" for
-    --cache_text_encoder_outputs, else None."""
-    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
-        return "disk"
-    return "run" if getattr(args, "cache_text_encoder_outputs", False) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,16 +90,29 @@ class LatentCacheLocation:
     """Where a dataset's latent npz files are: beside the images (``directory`` None, kohya's names, kept
     across runs) or under ``directory`` (a per-run folder: one subfolder per dataset and image folder)."""
 
-    is_sdxl: bool
+    family: ModelFamily  # its latent_cache_suffix ends the npz names
     directory: Path | None = None
 
     def path_for(self, record: ImageRecord) -> Path:
         """The npz of ``record``: kohya's ``<stem>_<WWWW>x<HHHH>_sd(xl).npz`` name, in its folder."""
-        beside = latent_cache_path(record.image_path, record.image_size, self.is_sdxl)
+        beside = latent_cache_path(record.image_path, record.image_size, self.family)
         if self.directory is None:
             return beside
         folder = hashlib.blake2b(str(record.image_path.parent).encode("utf-8"), digest_size=8).hexdigest()
         return Path(self.directory) / f"dataset{record.dataset_index}" / folder / beside.name
+
+    def load(self, record: ImageRecord, *, flipped: bool) -> CachedLatents:
+        """The cached latents of ``record`` (the mirrored ones when ``flipped``), for TrainingDataset."""
+        path = self.path_for(record)
+        try:
+            return load_cached_latents(path, flipped=flipped)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no cached latents for {record.image_path}; fill the cache first "
+                                    "(dataset_caching.fill_latent_caches)") from None
+
+    def conflicts(self, index: DatasetIndex) -> list[str]:
+        """Images that two records need at different buckets/crops but that share one cache file here."""
+        return _grouped_jobs(index, self)[1]
 
 
 def latent_job_for(image_path: Path, image_size: Size, bucket: Size, *, flip: bool, alpha_mask: bool = False,
@@ -164,102 +161,13 @@ def _grouped_jobs(index: DatasetIndex, location: LatentCacheLocation) -> tuple[d
 def latent_jobs(index: DatasetIndex, location: LatentCacheLocation | None = None) -> list[LatentJob]:
     """One job per image (not per repeat) from its bucket and centre crop; images that several records
     share become one job needing the union of their flip/alpha. Raises ValueError on bucket conflicts
-    (see :func:`check_cacheable`). Without ``location`` the npz go beside the images (the family suffix of
-    the name is then chosen by ``fill_latent_cache``'s ``is_sdxl``)."""
-    jobs, conflicts = _grouped_jobs(index, location if location is not None else LatentCacheLocation(False))
+    (see :meth:`LatentCacheLocation.conflicts`). Without ``location`` the npz go beside the images (the family suffix of
+    the name is then chosen by ``fill_latent_cache``'s ``family``)."""
+    # without a location any family's names group the records alike: only the suffix differs
+    jobs, conflicts = _grouped_jobs(index, location if location is not None else LatentCacheLocation(SD1))
     if conflicts:
         raise ValueError("\n".join(conflicts))
     return list(jobs.values())
-
-
-# --------------------------------------------------------------------------------------------------
-# What may be cached
-# --------------------------------------------------------------------------------------------------
-
-
-def _without_dropout(options: CaptionOptions) -> CaptionOptions:
-    """Dropout only ever yields "" (always cached), so it does not make a caption uncacheable."""
-    return replace(options, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
-
-
-def _random_caption_options(options: CaptionOptions) -> list[str]:
-    """The set options that make every prompt of a subset change between draws (wildcards aside)."""
-    named = []
-    if options.shuffle_caption:
-        named.append("shuffle_caption")
-    if options.token_warmup_step > 0:
-        named.append("token_warmup_step")
-    if options.caption_tag_dropout_rate > 0:
-        named.append("caption_tag_dropout_rate")
-    if options.caption_tag_mode == "random":
-        named.append('caption_tag_mode = "random"')
-    return named
-
-
-def check_cacheable(index: DatasetIndex, cache_latents: bool, cache_text: bool,
-                    location: LatentCacheLocation | None = None) -> list[str]:
-    """Why the requested caches cannot be used for this dataset (empty when they can), one line per
-    subset and reason, naming where the option is set and how to fix it.
-
-    Latents: random_crop and color_aug would be frozen into the cache; with ``location``, images that need
-    two buckets in one cache file are reported too. Text: any subset whose prompt can differ between draws
-    (``captions.is_caption_random``, caption dropout excepted).
-    """
-    problems: list[str] = []
-    subsets = list(dict.fromkeys(subset for dataset in index.datasets for subset in dataset.subsets))
-    if cache_latents:
-        for subset in subsets:
-            for option, why in (("random_crop", "the crop"), ("color_aug", "the colour change")):
-                if getattr(subset, option):
-                    problems.append(
-                        f"{subset.source}: {option} = true cannot be used with latent caching (--cache_latents / "
-                        f"--cache_latents_to_disk): {why} would be frozen into the cached latent; fix: set "
-                        f"{option} = false for this subset, or train without latent caching")
-        if location is not None:
-            problems += _grouped_jobs(index, location)[1]
-    if cache_text:
-        flagged: set[int] = set()
-        for subset in subsets:
-            named = _random_caption_options(subset.captions)
-            if named:
-                flagged.add(id(subset))
-                problems.append(
-                    f"{subset.source}: {', '.join(named)} make{'s' if len(named) == 1 else ''} the caption change "
-                    "between draws, so text-encoder outputs cannot be cached (--cache_text_encoder_outputs); fix: "
-                    f"turn {'it' if len(named) == 1 else 'them'} off for this subset, or train without "
-                    "text-encoder output caching")
-        for record in index.records:
-            subset = record.subset
-            if id(subset) in flagged:
-                continue
-            options = _without_dropout(subset.captions)
-            text = merge_caption_and_tags(record.caption, record.tags, options.caption_separator,
-                                          options.caption_tag_mode, random.Random(0),
-                                          enable_wildcard=options.enable_wildcard)
-            if is_caption_random(options, text):
-                flagged.add(id(subset))
-                problems.append(
-                    f"{subset.source}: enable_wildcard = true and the caption of {record.image_path} has several "
-                    "lines or a {a|b} choice, so it changes between draws and text-encoder outputs cannot be "
-                    "cached (--cache_text_encoder_outputs); fix: turn enable_wildcard off for this subset, or "
-                    "train without text-encoder output caching")
-    return problems
-
-
-class NotCacheableError(ValueError):
-    """The dataset uses options that a requested cache would silently freeze; lists every reason."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("cannot cache this dataset:\n" + "\n".join(f"  - {p}" for p in self.problems))
-
-
-def raise_if_not_cacheable(index: DatasetIndex, cache_latents: bool, cache_text: bool,
-                           location: LatentCacheLocation | None = None) -> None:
-    """:func:`check_cacheable`, raising :class:`NotCacheableError` with all problems if there are any."""
-    problems = check_cacheable(index, cache_latents, cache_text, location)
-    if problems:
-        raise NotCacheableError(problems)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +176,7 @@ def raise_if_not_cacheable(index: DatasetIndex, cache_latents: bool, cache_text:
 
 
 def load_job_pixels(job: LatentJob, flipped: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``cache.fill_latent_cache``'s loader: the job's crop through the dataset's own image path
+    """``latent_files.fill_latent_cache``'s loader: the job's crop through the dataset's own image path
     (``load_image`` + ``apply_crop_plan`` + ``to_tensor``), so cached and uncached training see the same
     pixels. Returns (pixels, alpha) when the job wants the alpha mask (alpha never flipped)."""
     try:
@@ -298,16 +206,14 @@ def fill_latent_caches(index: DatasetIndex, vae: nn.Module, location: LatentCach
     ranks return (a barrier) every file exists. ``skip_cache_check`` (kohya's --skip_cache_check) treats an
     existing file as valid without opening it (counted in ``skipped_valid``).
     """
-    raise_if_not_cacheable(index, cache_latents=True, cache_text=False, location=location)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    share = latent_jobs(index, location)[rank::world_size]
+    raise_if_not_cacheable(index, cache_latents=True, cache_text=False, latent_conflicts=location.conflicts(index))
+    share = rank_share(latent_jobs(index, location), rank=rank, world_size=world_size)
     trusted = 0
     if skip_cache_check:
-        todo = [job for job in share if not job.cache_path(location.is_sdxl).exists()]
+        todo = [job for job in share if not job.cache_path(location.family).exists()]
         trusted = len(share) - len(todo)
         share = todo
-    result = fill_latent_cache(share, vae, load_job_pixels, batch_size=batch_size, is_sdxl=location.is_sdxl,
+    result = fill_latent_cache(share, vae, load_job_pixels, batch_size=batch_size, family=location.family,
                                seed=seed, load_workers=load_workers, progress=progress and rank == 0)
     return replace(result, skipped_valid=result.skipped_valid + trusted)
 
@@ -327,7 +233,7 @@ def latent_cache_status(index: DatasetIndex, location: LatentCacheLocation
 def cached_prompt(record: ImageRecord) -> str:
     """The prompt ``record`` trains on whenever its caption is not dropped (deterministic for a cacheable
     subset): the dataset's own ``build_prompt`` with dropout off."""
-    options = _without_dropout(record.subset.captions)
+    options = without_dropout(record.subset.captions)
     return build_prompt(record.caption, record.tags, options, random.Random(0), 1, 0, 0)
 
 

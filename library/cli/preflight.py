@@ -11,6 +11,8 @@ import argparse
 import importlib.util
 from typing import Callable
 
+from library.cli.accelerate_args import accelerator_options_from_args
+from library.cli.optim_args import optimizer_settings_from_args
 from library.training import optim, sampling
 from library.training.accelerate_utils import DEEPSPEED_INSTALL, check_xformers, resolve_log_with
 
@@ -32,7 +34,7 @@ def check_run_can_start(args: argparse.Namespace) -> None:
 
 
 def _check_optimizer(args: argparse.Namespace) -> None:
-    optim.optimizer_class(optim.optimizer_settings_from_args(args).optimizer_type)
+    optim.optimizer_class(optimizer_settings_from_args(args).optimizer_type)
 
 
 def _check_samplers(args: argparse.Namespace) -> None:
@@ -51,11 +53,11 @@ def _check_samplers(args: argparse.Namespace) -> None:
 
 
 def _check_attention(args: argparse.Namespace) -> None:
-    check_xformers(args)
+    check_xformers(accelerator_options_from_args(args))
 
 
 def _check_logging(args: argparse.Namespace) -> None:
-    resolve_log_with(args)
+    resolve_log_with(accelerator_options_from_args(args))
 
 
 def _check_deepspeed(args: argparse.Namespace) -> None:

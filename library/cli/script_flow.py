@@ -6,41 +6,57 @@
     pipeline = build_data_pipeline(session)          # prompt encoder, caches, sampler, plan, loader
     optimizer, scheduler, description = build_optimizer(session, params, pipeline.plan)
     ... the script builds its Trainee ...
-    return run_training(session, pipeline, trainee, optimizer, scheduler, description, extension, name)
+    return run_training(session, pipeline, trainee, optimizer=..., ..., callbacks=...)
+
+The flag-reading steps live in library.cli.setup_from_args; the typed pieces they call in library.training.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from library.training import accelerate_utils, noise, optim, sampling, validation
+from library.training import accelerate_utils, noise, optim, validation
 from library.cli import config
-from library.training.checkpoints import SaveSettings, TrainState
-from library.training.train_state_io import TrainingStateIO, prepare_resume, run_settings
+from library.cli.accelerate_args import accelerator_options_from_args, add_accelerate_arguments
+from library.cli.data_args import add_dataset_arguments, latent_cache_mode, text_cache_mode
+from library.cli.model_args import add_model_arguments
+from library.cli.noise_args import add_loss_arguments, add_noise_arguments, loss_options_from_args, noise_options_from_args
+from library.cli.optim_args import add_optimizer_arguments, optimizer_settings_from_args
+from library.cli.sampling_args import add_sampling_arguments, add_validation_arguments
+from library.cli.training_args import (
+    add_training_arguments,
+    output_options_from_args,
+    resume_from_args,
+    save_settings_from_args,
+)
+from library.training.checkpoints import TrainState
+from library.training.run_settings import run_settings
+from library.training.train_state_io import TrainingStateIO
+from library.models.families import ModelFamily
 from library.models.loading import StableDiffusionModel, load_model
 from library.training.output_checks import check_outputs, warn_if_disk_short
 from library.cli.preflight import check_run_can_start
-from library.training.run_setup import (
-    TrainingData,
+from library.cli.setup_from_args import (
     apply_attention_backend,
-    attach_sampling,
     build_training_data,
-    fill_caches,
     model_dtypes,
-    move_module,
     print_summary,
+    sampling_callback,
     start_logging,
     user_errors,
 )
+from library.training.run_setup import Caches, TrainingData, fill_caches, move_module
 from library.models.text_encoding import PromptEncoder
-from library.training.loop import Trainee, TrainingPlan, TrainingRun, make_plan, train
+from library.training.callbacks import NanGuard
+from library.training.loop import Callback, Trainee, TrainingPlan, TrainingRun, make_plan, train
 
 
 ArgumentAdder = Callable[[argparse.ArgumentParser], None]
@@ -51,17 +67,17 @@ def build_script_parser(description: str, default_learning_rate: float, saving: 
     """Every script's flags: the shared groups around the script's own (``script_groups``)."""
     return config.build_parser(
         description,
-        config.add_model_arguments,
-        config.add_dataset_arguments,
-        partial(config.add_training_arguments, default_learning_rate=default_learning_rate),
+        add_model_arguments,
+        add_dataset_arguments,
+        partial(add_training_arguments, default_learning_rate=default_learning_rate),
         saving,
         *script_groups,
-        optim.add_optimizer_arguments,
-        noise.add_noise_arguments,
-        noise.add_loss_arguments,
-        sampling.add_sampling_arguments,
-        validation.add_validation_arguments,
-        accelerate_utils.add_accelerate_arguments,
+        add_optimizer_arguments,
+        add_noise_arguments,
+        add_loss_arguments,
+        add_sampling_arguments,
+        add_validation_arguments,
+        add_accelerate_arguments,
     )
 
 
@@ -76,8 +92,10 @@ def run_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace
         return 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class Session:
+    """What open_session returns: the flags, the Accelerator, the seed, the checked data, the model and dtypes."""
+
     args: argparse.Namespace
     accelerator: Any
     seed: int
@@ -89,26 +107,27 @@ class Session:
     attention: str
 
 
-def open_session(args: argparse.Namespace, support: set[str] | None = None,
-                 required_family: str | None = None) -> Session:
+def open_session(args: argparse.Namespace, *, support: set[str] | None = None,
+                 required_family: ModelFamily | None = None) -> Session:
     """Everything before the trainable parts exist; data problems are raised before the model is loaded."""
     check_run_can_start(args)  # optional packages and backends the flags ask for, before any data or model
-    resume_state = prepare_resume(args)  # recovers interrupted saves, --resume auto, checks the state: before any work
-    check_outputs(args, resume_state)  # an unusable --output_dir or a taken name: before the data and model
+    resume_state = resume_from_args(args)  # recovers interrupted saves, --resume auto, checks the state: before any work
+    check_outputs(output_options_from_args(args), resume_state)  # an unusable --output_dir or a taken name: before the data and model
     data = build_training_data(args, support)
-    accelerator = accelerate_utils.build_accelerator(args)
+    accelerator = accelerate_utils.build_accelerator(accelerator_options_from_args(args))
     seed = accelerate_utils.broadcast_seed(accelerator, resume_state.seed if resume_state else args.seed)
     torch.manual_seed(seed)
     model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
                        prediction_type="v_prediction" if args.v_parameterization else None)
-    if required_family is not None and model.family.name != required_family:
+    if required_family is not None and model.family is not required_family:
         from library.models.loading import ModelLoadError
 
         raise ModelLoadError(f"{args.pretrained_model_name_or_path} is an {model.family.name} model; this script trains "
-                             f"{required_family} models only")
+                             f"{required_family.name} models only")
     weight_dtype, vae_dtype, save_dtype = model_dtypes(args, model)
     attention = apply_attention_backend(args, model)
-    return Session(args, accelerator, seed, data, model, weight_dtype, vae_dtype, save_dtype, attention)
+    return Session(args=args, accelerator=accelerator, seed=seed, data=data, model=model, weight_dtype=weight_dtype,
+                   vae_dtype=vae_dtype, save_dtype=save_dtype, attention=attention)
 
 
 def freeze_and_place(session: Session, trained: tuple[torch.nn.Module, ...] = ()) -> None:
@@ -129,68 +148,104 @@ def freeze_and_place(session: Session, trained: tuple[torch.nn.Module, ...] = ()
             enable()
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataPipeline:
+    """What build_data_pipeline returns, in the order it was built."""
+
     prompt_encoder: PromptEncoder
+    caches: Caches  # holds this run's temporary cache folders open
     sampler: Any
     plan: TrainingPlan
     loader: Any
 
 
 def build_data_pipeline(session: Session, conditioning_filter: Any = None) -> DataPipeline:
-    args, model, data = session.args, session.model, session.data
+    """Prompt encoder -> caches -> sampler -> plan -> loader, each from what the one before returned."""
+    args, model, data, accelerator = session.args, session.model, session.data, session.accelerator
     prompt_encoder = PromptEncoder(model.family.name, model.tokenizers, model.text_encoders,
                                    max_token_length=args.max_token_length or 75, clip_skip=args.clip_skip)
-    caches = fill_caches(args, session.accelerator, data, model, prompt_encoder, session.vae_dtype)
-    sampler = data.make_sampler(args, session.accelerator, session.seed)
-    plan = make_plan(data.num_images, data.num_reg_images, data.samples_per_epoch, data.batch_size, len(sampler),
-                     args.gradient_accumulation_steps, session.accelerator.num_processes, args.max_train_steps,
-                     args.max_train_epochs, data.short_batches, data.repeated_batches)
-    loader = data.make_loader(args, sampler, session.seed, plan.max_train_steps, caches, conditioning_filter)
-    return DataPipeline(prompt_encoder, sampler, plan, loader)
+    caches = fill_caches(data=data, model=model, prompt_encoder=prompt_encoder, accelerator=accelerator,
+                         latent_mode=latent_cache_mode(args), text_mode=text_cache_mode(args),
+                         output_dir=Path(args.output_dir), vae_batch_size=args.vae_batch_size,
+                         skip_cache_check=args.skip_cache_check, seed=args.seed,
+                         text_encoder_cache_dir=args.text_encoder_cache_dir)
+    sampler, counts = data.make_sampler(seed=session.seed, rank=accelerator.process_index,
+                                        world_size=accelerator.num_processes,
+                                        batches_per_step=args.gradient_accumulation_steps)
+    plan = make_plan(num_images=data.num_images, num_reg_images=data.num_reg_images,
+                     samples_per_epoch=data.samples_per_epoch, batch_size=data.batch_size,
+                     batches_per_epoch_per_process=counts.batches_per_epoch,
+                     gradient_accumulation_steps=args.gradient_accumulation_steps,
+                     num_processes=accelerator.num_processes, max_train_steps=args.max_train_steps,
+                     max_train_epochs=args.max_train_epochs, short_batches=counts.short_batches,
+                     repeated_batches=counts.repeated_batches)
+    loader = data.make_loader(sampler, seed=session.seed, max_train_steps=plan.max_train_steps, caches=caches,
+                              conditioning_filter=conditioning_filter,
+                              num_workers=int(args.max_data_loader_n_workers or 0),
+                              persistent_workers=bool(args.persistent_data_loader_workers))
+    return DataPipeline(prompt_encoder=prompt_encoder, caches=caches, sampler=sampler, plan=plan, loader=loader)
+
+
+def through_prepared(encoder: PromptEncoder, trainable: dict[str, torch.nn.Module],
+                     prepared: dict[str, torch.nn.Module]) -> PromptEncoder:
+    """The prompt encoder the loop (and sampling) use: trained text encoders called through their prepared
+    (DDP) wrappers, so their gradients are averaged across ranks. A new object; ``encoder`` is unchanged."""
+    wrapped = {id(module): prepared[name] for name, module in trainable.items()}
+    text_encoders = [wrapped.get(id(te), te) for te in encoder.text_encoders]
+    if all(a is b for a, b in zip(text_encoders, encoder.text_encoders)):
+        return encoder
+    return dataclasses.replace(encoder, text_encoders=text_encoders)
 
 
 def build_optimizer(session: Session, params: list[dict[str, Any]], plan: TrainingPlan) -> tuple[Any, Any, str]:
-    return optim.build_optimizer_and_scheduler(optim.optimizer_settings_from_args(session.args), params,
+    return optim.build_optimizer_and_scheduler(optimizer_settings_from_args(session.args), params,
                                                plan.max_train_steps, session.accelerator.num_processes)
 
 
-def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, optimizer: Any, lr_scheduler: Any,
+def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, *, optimizer: Any, lr_scheduler: Any,
                  optimizer_description: str, save_extension: str, project_name: str,
-                 extra_logs: Callable[[], dict[str, float]] | None = None,
                  register_for_checkpointing: tuple[Any, ...] = (), clip_in_loop: bool = True,
                  sampling_controlnet: Any = None,
-                 sample_metrics: Callable[[list[Any]], dict[str, float]] | None = None) -> int:
+                 sample_metrics: Callable[[list[Any]], dict[str, float]] | None = None,
+                 callbacks: Sequence[Callback] = ()) -> int:
     """Prepare, resume, print the summary, train, and say where the result is.
 
     ``clip_in_loop=False`` when the optimizer clips by itself (the fused backward pass clips each tensor).
+    ``callbacks``: the script's own (EMA, max-norm) and those a caller of ``main`` gave (tests, the bench);
+    at each hook they run before the standard ones (validation, sampling, the NaN guard).
     """
     args, accelerator, model = session.args, session.accelerator, session.model
-    prepared = accelerate_utils.prepare_for_deepspeed(accelerator, trainee.trainable_modules(), optimizer, lr_scheduler)
+    trainable = trainee.trainable_modules()
+    prepared = accelerate_utils.prepare_for_deepspeed(accelerator, trainable, optimizer, lr_scheduler)
     trainee.use_prepared(prepared.models)
+    prompt_encoder = through_prepared(pipeline.prompt_encoder, trainable, prepared.models)
     state_io = TrainingStateIO(accelerator, prepared.models, prepared.optimizer, prepared.lr_scheduler,
                                custom=tuple(register_for_checkpointing),  # e.g. EMA weights: saved with the state
-                               settings=run_settings(args, model.family.name), engine=prepared.engine)
+                               settings=run_settings(vars(args), model.family.name), engine=prepared.engine)
     start: TrainState | None = None
     if args.resume:
         start = state_io.load(Path(args.resume), family=model.family.name)
         accelerator.print(f"resuming from {args.resume}: step {start.global_step}, epoch {start.epoch}")
-    noise_options = noise.noise_options_from_args(args)
+    noise_options = noise_options_from_args(args)
+    alphas_cumprod = noise.noise_schedule(dict(model.scheduler.config), noise_options.zero_terminal_snr)
+    loss_options, save = loss_options_from_args(args), save_settings_from_args(args, save_extension)
+    sampling = sampling_callback(args, model, prompt_encoder, accelerator, session.weight_dtype, session.data.resolution,
+                                 controlnet=sampling_controlnet, measure=sample_metrics)
+    validating = validation.validation_callback(
+        session.data.validation_index, seed=session.seed, accelerator=accelerator,
+        every_n_steps=args.validate_every_n_steps, every_n_epochs=args.validate_every_n_epochs,
+        max_batches=args.max_validation_steps)
+    standard = [c for c in (validating, sampling) if c is not None] + [NanGuard(Path(args.resume) if args.resume else None)]
     run = TrainingRun(
         accelerator=accelerator, trainee=trainee, vae=model.vae, latent_scaling_factor=model.vae.config.scaling_factor,
-        prompt_encoder=pipeline.prompt_encoder, is_sdxl=model.family.is_sdxl, dataloader=pipeline.loader,
+        prompt_encoder=prompt_encoder, family=model.family, dataloader=pipeline.loader,
         batch_sampler=pipeline.sampler, prepared=prepared, plan=pipeline.plan, seed=session.seed,
         prediction_type=model.prediction_type,
-        alphas_cumprod=noise.noise_schedule(dict(model.scheduler.config), noise_options.zero_terminal_snr).to(accelerator.device),
-        noise_options=noise_options, loss_options=noise.loss_options_from_args(args),
-        save=SaveSettings.from_args(args, save_extension), max_grad_norm=args.max_grad_norm if clip_in_loop else 0.0,
+        alphas_cumprod=alphas_cumprod.to(accelerator.device), noise_options=noise_options, loss_options=loss_options,
+        save=save, max_grad_norm=args.max_grad_norm if clip_in_loop else 0.0,
         prior_loss_weight=session.data.prior_loss_weight, vae_dtype=session.vae_dtype, weight_dtype=session.weight_dtype,
-        start=start, extra_logs=extra_logs, state_io=state_io,
-        resumed_from=Path(args.resume) if args.resume else None,
+        start=start, state_io=state_io, callbacks=[*callbacks, *standard],
     )
-    attach_sampling(run, args, model, pipeline.prompt_encoder, accelerator, session.weight_dtype, session.data.resolution,
-                    controlnet=sampling_controlnet, measure=sample_metrics)
-    validation.attach_validation(run, args, session.data.validation_index, session.seed)
     print_summary(accelerator, args, model, session.data, pipeline.plan, optimizer_description, run.save)
     warn_if_disk_short(accelerator, run.save, pipeline.plan.max_train_steps, pipeline.plan.num_epochs, trainee,
                        session.save_dtype)

@@ -17,10 +17,10 @@ and for the batches::
     loader = DataLoader(dataset, batch_sampler=sampler, ...)
     print(sampler.summary().format())
 
-Where this differs from kohya-ss/sd-scripts (reference §2.7):
+Where this differs from kohya-ss/sd-scripts:
 
 * ``bucket_no_upscale``: kohya floors one side, derives the other and floors again, so near-square images
-  just above the max area drop a whole step on both sides (issue #731: 1050x1080 -> 960x960 at 1024²).
+  just above the max area drop a whole step on both sides (kohya-ss/sd-scripts#731: 1050x1080 -> 960x960 at 1024²).
   We choose the bucket that keeps the most pixels (see :func:`select_bucket_no_upscale`).
 * ``bucket_no_upscale`` resizes the image to *cover* its bucket (as the upscale mode does) instead of
   keeping the area-fitted size and cropping both sides, so less of the frame is cropped.
@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import Sampler
+
+from library.data.sharding import check_rank, rank_share
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +344,7 @@ def crop_top_left(bucket: Size, resized_size: Size, crop_left_top: Size, flipped
     horizontally afterwards, what was the right margin becomes the left, so left' = resized_w - bucket_w
     - left. kohya's ``get_crop_ltrb`` instead computes the letterbox offset of the image fitted *inside*
     the bucket, axis-swapped: a 1000x2000 image in a 1024² bucket gets (top 0, left 256) although
-    ~512 px were cut from the top, and random crops are not tracked at all (reference §2.7).
+    ~512 px were cut from the top, and random crops are not tracked at all.
     """
     left, top = crop_left_top
     if flipped:
@@ -441,8 +443,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         """``buckets[i]`` is the bucket key of sample index i (repeats already expanded by the caller)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        check_rank(rank, world_size)
         if batches_per_step <= 0:
             raise ValueError(f"batches_per_step must be positive, got {batches_per_step}")
         self.batches_per_step = batches_per_step
@@ -488,7 +489,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's share of ``epoch_batches(epoch)``: every world_size-th batch from ``rank``."""
-        return self.epoch_batches(epoch)[self.rank :: self.world_size]
+        return rank_share(self.epoch_batches(epoch), rank=self.rank, world_size=self.world_size)
 
     # ---- Sampler protocol ----
 

@@ -7,15 +7,15 @@ A filter is a small frozen dataclass (:class:`ConditioningFilter` is the protoco
     control = cond(cropped_target)                          # PIL RGB -> PIL RGB, same size
     control_fidelity(cond, generated, control)              # 1.0 = the generated image has exactly those edges
 
-Why filters run on the *cropped* target: the training dataset (``library.datasets``) applies the filter after
+Why filters run on the *cropped* target: the training dataset (``library.data.datasets``) applies the filter after
 the bucket resize/crop/flip, so the control image is pixel-aligned with what the model sees, and no second
 folder of pre-computed control images has to be kept in sync (``tools/canny.py`` writes such a folder when
 one is wanted, with the same filter, so both routes give identical maps). Adding a filter is one dataclass
 with ``name``, ``is_edge_map``, its typed fields and ``__call__``, plus one entry in :data:`FILTERS`;
 :func:`make_filter` parses ``key=value`` options from the dataclass field types.
 
-Control fidelity (the metric the ControlNet issue asks for): the condition is re-extracted from the generated
-image with the same filter and compared with the condition it was generated from.
+Control fidelity (how closely a generated image follows its condition): the condition is re-extracted from
+the generated image with the same filter and compared with the condition it was generated from.
 
 * Edge maps (``is_edge_map``, e.g. canny): :func:`edge_f1`, the boundary F1 score of edge detection benchmarks
   (BSDS): a predicted edge pixel counts as correct when a reference edge lies within ``tolerance_px``
@@ -27,7 +27,6 @@ image with the same filter and compared with the condition it was generated from
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import types
@@ -38,8 +37,6 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-
-from library.cli.config import add_validator, non_negative_int
 
 EDGE_THRESHOLD = 127  # a pixel of an edge-map image with gray value above this is an edge
 
@@ -56,7 +53,7 @@ class ConditioningFilter(Protocol):
         ...
 
     @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> ConditioningFilter:
+    def from_options(cls, options: Mapping[str, Any]) -> ConditioningFilter:
         """Build the filter from option values (strings are parsed with the field types)."""
         ...
 
@@ -108,19 +105,19 @@ def _convert(value: Any, typ: type) -> Any:
 
 
 class _OptionsMixin:
-    """``from_args`` for a dataclass filter: parse each option with its field's type, reject unknown keys."""
+    """``from_options`` for a dataclass filter: parse each option with its field's type, reject unknown keys."""
 
     name: ClassVar[str]
 
     @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> Any:
+    def from_options(cls, options: Mapping[str, Any]) -> Any:
         types_ = _field_types(cls)
-        unknown = sorted(set(args) - set(types_))
+        unknown = sorted(set(options) - set(types_))
         if unknown:
             raise ValueError(f"{cls.name} filter: unknown option(s) {', '.join(unknown)}; "
                              f"accepted: {accepted_keys(cls)}")
         values = {}
-        for key, value in args.items():
+        for key, value in options.items():
             try:
                 values[key] = _convert(value, types_[key])
             except ValueError as error:
@@ -187,11 +184,11 @@ FILTERS: Mapping[str, type[ConditioningFilter]] = types.MappingProxyType({
 })
 
 
-def parse_filter_args(args: Sequence[str]) -> dict[str, str]:
+def parse_filter_args(items: Sequence[str]) -> dict[str, str]:
     """``["low=100", "high=200"]`` -> ``{"low": "100", "high": "200"}``; a missing ``=`` or a repeated key
     is an error (the last one silently winning would hide a typo)."""
     parsed: dict[str, str] = {}
-    for item in args:
+    for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
@@ -202,7 +199,7 @@ def parse_filter_args(args: Sequence[str]) -> dict[str, str]:
     return parsed
 
 
-def make_filter(name: str, args: Sequence[str] = ()) -> ConditioningFilter:
+def make_filter(name: str, items: Sequence[str] = ()) -> ConditioningFilter:
     """The filter ``name`` with ``KEY=VALUE`` options (``--conditioning_filter_args low=50 high=150``).
 
     Raises ValueError naming the accepted filters, or the filter's accepted options, for anything else.
@@ -211,10 +208,10 @@ def make_filter(name: str, args: Sequence[str] = ()) -> ConditioningFilter:
         raise ValueError(f"unknown conditioning filter {name!r}; choose one of {', '.join(sorted(FILTERS))}")
     cls = FILTERS[name]
     try:
-        options = parse_filter_args(args)
+        options = parse_filter_args(items)
     except ValueError as error:
         raise ValueError(f"{name} filter: {error}; accepted: {accepted_keys(cls)}") from None
-    return cls.from_args(options)
+    return cls.from_options(options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,7 +295,7 @@ def apply_conditioning_dropout(conditioning: torch.Tensor, rate: float, generato
     """Replace each sample's conditioning (B, C, H, W) by a constant ``fill`` (default all zeros) with
     probability ``rate``, so the ControlNet also learns to add nothing when given no control.
 
-    Mind the range: 0.0 is mid-gray for a condition in [-1, 1] (``library.images.to_tensor``); pass
+    Mind the range: 0.0 is mid-gray for a condition in [-1, 1] (``library.data.images.to_tensor``); pass
     ``fill=-1.0`` for a black control image there. A new tensor is returned (the input when ``rate`` is 0);
     the draws use ``generator`` (on the CPU) so a seeded run drops the same samples.
     """
@@ -309,53 +306,3 @@ def apply_conditioning_dropout(conditioning: torch.Tensor, rate: float, generato
     drop = torch.rand(conditioning.shape[0], generator=generator) < rate
     drop = drop.to(conditioning.device).view(-1, *([1] * (conditioning.dim() - 1)))
     return torch.where(drop, torch.full_like(conditioning, fill), conditioning)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def _check_filter_args(args: argparse.Namespace) -> str | None:
-    """Parse the filter options at start-up, so a typo fails before the model loads."""
-    try:
-        filter_from_args(args)
-    except ValueError as error:
-        return f"--conditioning_filter_args: {error}"
-    return None
-
-
-def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
-    """ControlNet conditioning flags (--conditioning_data_dir is a dataset flag in library.config)."""
-    group = parser.add_argument_group("ControlNet conditioning")
-    group.add_argument("--conditioning_filter", type=str, choices=sorted(FILTERS), default=None,
-                       help="compute each control image from the cropped training image with this filter "
-                            "instead of reading --conditioning_data_dir")
-    group.add_argument("--conditioning_filter_args", type=str, nargs="*", default=None, metavar="KEY=VALUE",
-                       help="filter options, e.g. low=100 high=200 (canny) or radius=4 (blur)")
-    group.add_argument("--conditioning_dropout_rate", type=_probability, default=0.0,
-                       help="probability of training a sample with an all-zero control image (default 0)")
-    group.add_argument("--control_fidelity_tolerance", type=non_negative_int, default=1,
-                       help="pixels an edge may be off and still match, for the control-fidelity metric (default 1)")
-    add_validator(parser, _check_filter_args)
-
-
-def filter_from_args(args: argparse.Namespace) -> ConditioningFilter | None:
-    """The filter the flags ask for, or None (control images come from --conditioning_data_dir)."""
-    name = getattr(args, "conditioning_filter", None)
-    options = getattr(args, "conditioning_filter_args", None) or []
-    if name is None:
-        if options:
-            raise ValueError("options given without --conditioning_filter")
-        return None
-    return make_filter(name, options)

@@ -2,15 +2,15 @@
 
 One image's path from its file to a batch::
 
-    index = load_dataset_index(dataset_configs, min_step=32)      # library.records; raises DatasetProblems
+    index = load_dataset_index(dataset_configs, min_step=32)      # library.data.dataset_index
     inputs = build_bucket_sampler_inputs(index)                    # bucket key per sample index
-    sampler = KeyedBatchSampler(BucketBatchSampler(inputs.bucket_keys, inputs.batch_size, seed))
+    sampler = make_batch_sampler(inputs, seed, rank=r, world_size=n)   # bucketed, rank-sharded
     dataset = TrainingDataset(index, seed, max_train_steps)        # + latent_cache= / text_cache= (optional,
-                                                                   #   filled by library.dataset_caching)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=n)
+                                                                   #   filled by library.cache.dataset_caching)
+    loader = make_loader(dataset, sampler, num_workers=workers)
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch, first_step=global_step)
-        for batch in loader: ...                                   # dict, see collate_samples
+        for batch in loader: ...                                   # a Batch, see collate_samples
 
 Epoch and step reach DataLoader workers inside the indices: :class:`KeyedBatchSampler` (iterated in the
 main process) turns each batch of ints into :class:`SampleKey` (index, epoch, step) items, and every
@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from library.cache.storage import CachedLatents, TextEncoderOutputCache, load_cached_latents
+from library.data.buckets import BucketBatchSampler, SamplerSummary
 from library.data.captions import build_prompt
-from library.cache.dataset_caching import LatentCacheLocation, raise_if_not_cacheable
+from library.data.cacheable import raise_if_not_cacheable
 from library.data.dataset_config import DatasetConfigError
 from library.data.images import (
     CropPlan,
@@ -93,13 +93,11 @@ def build_bucket_sampler_inputs(index: DatasetIndex) -> SamplerInputs:
         listed = ", ".join(f"{d.source}: {d.batch_size}" for d in index.datasets)
         raise DatasetConfigError(f"all datasets must have the same batch_size for now ({listed}); set one batch_size "
                          "in [general] or on the command line")
-    if any(record.bucket is None for record in index.records):
+    buckets = [record.bucket for record in index.records]
+    if any(bucket is None for bucket in buckets):
         raise ValueError("records have no bucket yet: call assign_buckets (or build_dataset_index) first")
-    keys = []
-    for position in expand_repeats(index.records):
-        record = index.records[position]
-        bucket = record.bucket.bucket  # type: ignore[union-attr]
-        keys.append(BucketKey(record.dataset_index, bucket[0], bucket[1]))
+    keys = [BucketKey(index.records[p].dataset_index, *bucket.bucket)
+            for p in expand_repeats(index.records) if (bucket := buckets[p]) is not None]
     return SamplerInputs(bucket_keys=tuple(keys), batch_size=sizes.pop() if sizes else 1)
 
 
@@ -120,8 +118,9 @@ class KeyedBatchSampler(Sampler[list[SampleKey]]):
     however far the DataLoader prefetches.
     """
 
-    def __init__(self, batch_sampler: Iterable[list[int]], batches_per_step: int = 1) -> None:
-        """``batches_per_step``: gradient accumulation steps (batches per optimizer step)."""
+    def __init__(self, batch_sampler: BucketBatchSampler | Sequence[list[int]], batches_per_step: int = 1) -> None:
+        """``batches_per_step``: gradient accumulation steps (batches per optimizer step); a plain list of
+        batches is accepted for tests (it has no epochs and cannot resume)."""
         if batches_per_step < 1:
             raise ValueError(f"batches_per_step must be >= 1, got {batches_per_step}")
         self.batch_sampler = batch_sampler
@@ -131,11 +130,10 @@ class KeyedBatchSampler(Sampler[list[SampleKey]]):
 
     def set_epoch(self, epoch: int, first_step: int = 0) -> None:
         """Start ``epoch`` (from 1) whose first yielded batch is trained at global step ``first_step``;
-        forwards the epoch to the wrapped sampler's ``set_epoch`` if it has one."""
+        forwards the epoch to the wrapped bucket sampler."""
         self.epoch, self.first_step = epoch, first_step
-        set_inner = getattr(self.batch_sampler, "set_epoch", None)
-        if set_inner is not None:
-            set_inner(epoch)
+        if isinstance(self.batch_sampler, BucketBatchSampler):
+            self.batch_sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         epoch, first_step, per_step = self.epoch, self.first_step, self.batches_per_step
@@ -144,15 +142,24 @@ class KeyedBatchSampler(Sampler[list[SampleKey]]):
             yield [SampleKey(int(index), epoch, step) for index in batch]
 
     def __len__(self) -> int:
-        return len(self.batch_sampler)  # type: ignore[arg-type]
+        return len(self.batch_sampler)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def _buckets(self) -> BucketBatchSampler:
+        if not isinstance(self.batch_sampler, BucketBatchSampler):
+            raise TypeError("only a BucketBatchSampler can save and resume its position")
+        return self.batch_sampler
+
+    def summary(self) -> SamplerSummary:
+        """The wrapped bucket sampler's counts (for the start-up printout and the plan)."""
+        return self._buckets().summary()
+
+    def state_dict(self, batches_done: int | None = None) -> dict[str, int]:
         """The wrapped sampler's state (for resuming)."""
-        return self.batch_sampler.state_dict(*args, **kwargs)  # type: ignore[attr-defined]
+        return self._buckets().state_dict(batches_done)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume the wrapped sampler."""
-        self.batch_sampler.load_state_dict(state)  # type: ignore[attr-defined]
+        self._buckets().load_state_dict(state)
 
 
 def sample_rng(seed: int, epoch: int, index: int, purpose: str) -> random.Random:
@@ -164,6 +171,38 @@ def sample_rng(seed: int, epoch: int, index: int, purpose: str) -> random.Random
 # --------------------------------------------------------------------------------------------------
 # The Dataset
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CachedLatents:
+    """A cached latent and the SDXL size conditioning that belongs to exactly that latent. Sizes are (h, w).
+
+    ``latents`` are unscaled (multiply by the VAE scaling factor); ``crop_top_left`` is already mirrored
+    when ``flipped``; ``alpha_mask`` (H, W) is flipped with the latent.
+    """
+
+    latents: torch.Tensor
+    original_size_hw: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size_hw: tuple[int, int]
+    flipped: bool
+    alpha_mask: torch.Tensor | None = None
+
+
+class LatentCache(Protocol):
+    """Cached latents per record, filled before training (``library.cache.dataset_caching.LatentCacheLocation``)."""
+
+    def load(self, record: ImageRecord, *, flipped: bool) -> CachedLatents: ...
+
+    def conflicts(self, index: DatasetIndex) -> list[str]:
+        """Images that would need two buckets in one cache file (why this dataset cannot use the cache)."""
+        ...
+
+
+class TextCache(Protocol):
+    """Cached text-encoder outputs by prompt (``library.cache.text_encoder_files.TextEncoderOutputCache``)."""
+
+    def get(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 @dataclass(frozen=True)
@@ -219,7 +258,7 @@ def load_sample_pixels(record: ImageRecord, rng: random.Random, conditioning_fil
     return to_tensor(image), plan, mask, cond
 
 
-def load_sample_latents(record: ImageRecord, location: LatentCacheLocation, rng: random.Random,
+def load_sample_latents(record: ImageRecord, cache: LatentCache, rng: random.Random,
                         conditioning_filter: ConditioningFilter | None = None
                         ) -> tuple[CachedLatents, CropPlan, torch.Tensor | None]:
     """The cached latents of one draw (the flipped ones when this draw flips) and the conditioning image
@@ -229,13 +268,7 @@ def load_sample_latents(record: ImageRecord, location: LatentCacheLocation, rng:
         raise ValueError(f"{record.image_path}: no bucket assigned")
     plan = plan_crop(record.image_size, record.bucket.bucket, random_crop=False, flip_aug=record.subset.flip_aug,
                      rng=rng)
-    path = location.path_for(record)
-    try:
-        cached = load_cached_latents(path, flipped=plan.flipped)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no cached latents for {record.image_path}; fill the cache first "
-                                "(dataset_caching.fill_latent_caches)") from None
-    return cached, plan, conditioning_image(record, plan, conditioning_filter)
+    return cache.load(record, flipped=plan.flipped), plan, conditioning_image(record, plan, conditioning_filter)
 
 
 class TrainingDataset(Dataset):
@@ -247,20 +280,20 @@ class TrainingDataset(Dataset):
 
     ``latent_cache``: read latents from these npz files instead of decoding images; ``text_cache``: attach
     the text-encoder outputs of each sample's prompt. Both are read in the worker, and both must have been
-    filled first (``library.dataset_caching``); options the caches would freeze are refused here too.
+    filled first (``library.cache.dataset_caching``); options the caches would freeze are refused here too.
     """
 
-    def __init__(self, index: DatasetIndex, seed: int, max_train_steps: int = 0,
-                 latent_cache: LatentCacheLocation | None = None,
-                 text_cache: TextEncoderOutputCache | None = None,
+    def __init__(self, index: DatasetIndex, seed: int, max_train_steps: int = 0, *,
+                 latent_cache: LatentCache | None = None, text_cache: TextCache | None = None,
                  conditioning_filter: ConditioningFilter | None = None) -> None:
         """``max_train_steps``: the planned total, for a fractional token_warmup_step; ``conditioning_filter``
-        computes each ControlNet condition from the cropped target (``library.conditioning``)."""
+        computes each ControlNet condition from the cropped target (``library.data.conditioning``)."""
         index.raise_for_problems()
         if any(record.bucket is None for record in index.records):
             raise ValueError("records have no bucket yet: call assign_buckets (or build_dataset_index) first")
         if latent_cache is not None or text_cache is not None:
-            raise_if_not_cacheable(index, latent_cache is not None, text_cache is not None, latent_cache)
+            conflicts = latent_cache.conflicts(index) if latent_cache is not None else []
+            raise_if_not_cacheable(index, latent_cache is not None, text_cache is not None, conflicts)
         self.records = index.records
         self.sample_to_record = expand_repeats(index.records)
         self.seed = seed
@@ -305,59 +338,87 @@ def _long(rows: list[tuple[int, int]]) -> torch.Tensor:
 
 def _all_or_none(values: Sequence[torch.Tensor | None], what: str) -> torch.Tensor | None:
     """Stack when every sample has the tensor, None when none has; a mix is a bug upstream."""
-    present = [v is not None for v in values]
-    if not any(present):
+    present = [v for v in values if v is not None]
+    if not present:
         return None
-    if not all(present):
+    if len(present) != len(values):
         raise ValueError(f"some samples of the batch have {what} and some do not")
-    return torch.stack(values)  # type: ignore[arg-type]
+    return torch.stack(present)
 
 
-def collate_samples(samples: Sequence[Sample]) -> dict[str, Any]:
-    """Stack one bucket's samples into the batch dict the trainer reads.
+@dataclass(frozen=True)
+class Batch:
+    """One bucket's samples stacked: what the training step reads.
 
-    Keys: pixel_values (B,3,H,W) float, or None with cached latents; latents (B,C,H/8,W/8) float32 unscaled
-    (multiply by the VAE scaling factor) or None; captions list[str]; original_sizes_hw, crop_top_lefts,
-    target_sizes_hw (B,2) long, (h, w) / (top, left) order as SDXL wants (from the cache file with cached
-    latents); flipped, is_reg (B,) bool; alpha_masks (B,H,W) or None (ones for samples without a mask when
-    others have one); conditioning_pixel_values (B,3,H,W) or None; text_hidden_states (B,L,D) and
-    text_pooled (B,P) (SDXL) from the text-encoder cache, or None; image_paths list[str].
+    Exactly one of ``pixel_values`` (B,3,H,W) in [-1, 1] and ``latents`` (B,C,H/8,W/8) float32, unscaled
+    (multiply by the VAE scaling factor) is set. The SDXL size conditioning is (B,2) long in (h, w) /
+    (top, left) order (from the cache file with cached latents). ``alpha_masks`` (B,H,W) holds ones for
+    samples without a mask when others have one. ``text_hidden_states`` (B,L,D) and ``text_pooled`` (B,P)
+    (SDXL) come from the text-encoder cache.
     """
+
+    captions: list[str]
+    image_paths: list[str]
+    original_sizes_hw: torch.Tensor
+    crop_top_lefts: torch.Tensor
+    target_sizes_hw: torch.Tensor
+    flipped: torch.Tensor  # (B,) bool
+    is_reg: torch.Tensor  # (B,) bool
+    pixel_values: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    alpha_masks: torch.Tensor | None = None
+    conditioning_pixel_values: torch.Tensor | None = None  # (B,3,H,W) in [-1, 1]
+    text_hidden_states: torch.Tensor | None = None
+    text_pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def collate_samples(samples: Sequence[Sample]) -> Batch:
+    """Stack one bucket's samples into a :class:`Batch`; raises when they differ in size or in what they carry."""
     if not samples:
         raise ValueError("empty batch")
-    cached = [sample.cached is not None for sample in samples]
-    if any(cached) and not all(cached):
+    cached = [sample.cached for sample in samples if sample.cached is not None]
+    if cached and len(cached) != len(samples):
         raise ValueError("some samples of the batch have cached latents and some do not")
-    if all(cached):
-        shapes = {tuple(sample.cached.latents.shape) for sample in samples}  # type: ignore[union-attr]
-        geometry = [sample.cached for sample in samples]
-    else:
-        shapes = {tuple(sample.pixel_values.shape) for sample in samples}  # type: ignore[union-attr]
-        geometry = [sample.plan for sample in samples]
+    pixels = [sample.pixel_values for sample in samples if sample.pixel_values is not None]
+    geometry: Sequence[CachedLatents | CropPlan] = cached if cached else [sample.plan for sample in samples]
+    shapes = {tuple(t.shape) for t in ([c.latents for c in cached] if cached else pixels)}
     if len(shapes) != 1:
         raise ValueError(f"a batch must hold one bucket size, got {sorted(shapes)}: use the bucket batch sampler")
-    height, width = geometry[0].target_size_hw  # type: ignore[union-attr]
+    height, width = geometry[0].target_size_hw
     masks = None
     if any(sample.alpha_mask is not None for sample in samples):
         masks = torch.stack([s.alpha_mask if s.alpha_mask is not None else torch.ones(height, width)
                              for s in samples])
-    if all(cached):
-        pixels, latents = None, torch.stack([s.cached.latents for s in samples])  # type: ignore[union-attr]
-    else:
-        pixels, latents = torch.stack([s.pixel_values for s in samples]), None  # type: ignore[misc]
-    return {
-        "pixel_values": pixels,
-        "latents": latents,
-        "captions": [sample.caption for sample in samples],
-        "original_sizes_hw": _long([g.original_size_hw for g in geometry]),  # type: ignore[union-attr]
-        "crop_top_lefts": _long([g.crop_top_left for g in geometry]),  # type: ignore[union-attr]
-        "target_sizes_hw": _long([g.target_size_hw for g in geometry]),  # type: ignore[union-attr]
-        "flipped": torch.tensor([g.flipped for g in geometry], dtype=torch.bool),  # type: ignore[union-attr]
-        "is_reg": torch.tensor([sample.is_reg for sample in samples], dtype=torch.bool),
-        "alpha_masks": masks,
-        "conditioning_pixel_values": _all_or_none([s.conditioning_pixel_values for s in samples],
-                                                  "a conditioning image"),
-        "text_hidden_states": _all_or_none([s.text_hidden_states for s in samples], "cached text-encoder outputs"),
-        "text_pooled": _all_or_none([s.text_pooled for s in samples], "cached pooled text-encoder outputs"),
-        "image_paths": [sample.image_path for sample in samples],
-    }
+    return Batch(
+        pixel_values=None if cached else torch.stack(pixels),
+        latents=torch.stack([c.latents for c in cached]) if cached else None,
+        captions=[sample.caption for sample in samples],
+        original_sizes_hw=_long([g.original_size_hw for g in geometry]),
+        crop_top_lefts=_long([g.crop_top_left for g in geometry]),
+        target_sizes_hw=_long([g.target_size_hw for g in geometry]),
+        flipped=torch.tensor([g.flipped for g in geometry], dtype=torch.bool),
+        is_reg=torch.tensor([sample.is_reg for sample in samples], dtype=torch.bool),
+        alpha_masks=masks,
+        conditioning_pixel_values=_all_or_none([s.conditioning_pixel_values for s in samples], "a conditioning image"),
+        text_hidden_states=_all_or_none([s.text_hidden_states for s in samples], "cached text-encoder outputs"),
+        text_pooled=_all_or_none([s.text_pooled for s in samples], "cached pooled text-encoder outputs"),
+        image_paths=[sample.image_path for sample in samples],
+    )
+
+
+def make_batch_sampler(inputs: SamplerInputs, seed: int, *, rank: int = 0, world_size: int = 1,
+                       batches_per_step: int = 1) -> KeyedBatchSampler:
+    """This rank's bucketed batches of the dataset, each carrying its epoch and step to the workers."""
+    buckets = BucketBatchSampler(inputs.bucket_keys, inputs.batch_size, seed, world_size=world_size, rank=rank,
+                                 batches_per_step=batches_per_step)
+    return KeyedBatchSampler(buckets, batches_per_step=batches_per_step)
+
+
+def make_loader(dataset: TrainingDataset, sampler: KeyedBatchSampler, *, num_workers: int = 0,
+                persistent_workers: bool = False) -> DataLoader:
+    """The DataLoader over ``dataset`` that yields one :class:`Batch` per batch of ``sampler``."""
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=num_workers,
+                      persistent_workers=persistent_workers and num_workers > 0)

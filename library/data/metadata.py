@@ -27,10 +27,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from library.io import atomic_write_file
 
 # The image files every folder reader recognises (any letter case). Kept here, in a torch-free module, so the
 # metadata tools stay light.
@@ -182,34 +183,19 @@ def dumps_metadata(data: Any) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write `data` as JSON so that `path` holds either the old or the new content, never a partial file.
-
-    The temp file lives next to `path` (os.replace is only atomic within one file system); it is created
-    with mode 0o666 so the umask applies as for a normal file, and an existing file's mode is kept.
-    """
+    """Write `data` as JSON so that `path` holds either the old or the new content, never a partial file
+    (`library.io.atomic_write_file`: fsynced, an existing file's mode kept)."""
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
         raise MetadataError(f"cannot write {path}: the folder {parent} does not exist.")
     if path.is_dir():
         raise MetadataError(f"cannot write {path}: it is a folder.")
-    text = dumps_metadata(data)
-    tmp = parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    encoded = dumps_metadata(data).encode("utf-8")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
+        atomic_write_file(path, lambda handle: handle.write(encoded), fsync=True)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise MetadataError(f"cannot write {path}: {error.strerror or error}.") from error
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,26 +317,6 @@ _MULTI_PERSON_GROUPS: tuple[re.Pattern[str], ...] = (
     re.compile(r"ponytail|braid|ahoge|twintails|[\w\-]+ bun|single hair bun|single side bun|two side up"
                r"|two tails|[\w\-]+ braid|sidelocks"),
 )
-
-
-def run_merge(args: Any, field_name: str, extension: str) -> int:
-    """The body of the merge_*_to_metadata tools: merge, report, and turn bad input into one error line."""
-    import sys
-
-    try:
-        report = merge_side_files(args.train_data_dir, args.out_json, field_name=field_name, extension=extension,
-                                  in_json=args.in_json, full_path=args.full_path, recursive=args.recursive)
-        info, warnings = merge_report_lines(report, field_name, extension, args.out_json)
-    except MetadataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if args.debug:
-        for key, text in report.merged.items():
-            print(f"{key} {text}")
-    print("\n".join(info))
-    for line in warnings:
-        print(line, file=sys.stderr)
-    return 0
 
 
 _HAIR_LENGTH = _MULTI_PERSON_GROUPS[0]

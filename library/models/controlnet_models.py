@@ -7,7 +7,7 @@ single-file layouts people actually exchange:
 * SD1.x / SD2.x: the ORIGINAL ControlNet layout (``control_model.*`` keys, as lllyasviel's
   ``tool_add_control.py`` writes them), which A1111 (sd-webui-controlnet), ComfyUI and diffusers'
   ``ControlNetModel.from_single_file`` all read. Diffusers has a reader for it but no writer, so the
-  key table below is ours; it is built from `library.ldm_layout.unet_table` and used in both directions.
+  key table below is ours; it is built from `library.models.ldm_layout.unet_table` and used in both directions.
 * SDXL: the diffusers-keyed single file (``controlnet.state_dict()`` names), the convention of kohya's
   SDXL ControlNet trainer and of the SDXL ControlNets that ComfyUI and A1111 load.
 
@@ -27,12 +27,15 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import ControlNetModel, UNet2DConditionModel
 
 from library.models import ldm_layout
-from library.models.families import Family, resolve_family, standard_configs
+from library.models.families import SD1, SD2, SDXL, ModelFamily, detect_family_of_keys, family_of_unet_config, resolve_family
 from library.models.loading import ModelLoadError, is_single_file, read_checkpoint
 from library.io import atomic_save_folder, atomic_save_safetensors, atomic_torch_save
+from library.models.import_noise import without_import_noise
+
+with without_import_noise():  # diffusers' model modules import bitsandbytes
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
 # Written into single files we save: the ControlNetModel config, so the file rebuilds with no flags.
 CONTROLNET_CONFIG_METADATA_KEY = "sdtrainer.controlnet_config"
@@ -186,7 +189,7 @@ def _controlnet_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: M
             controlnet = ControlNetModel.from_config(config)
     else:
         if unet_config is None:
-            unet_config = standard_configs(_family_of_keys(state_dict, layout, path))["unet"]
+            unet_config = _family_of_keys(state_dict, layout, path).standard_configs()["unet"]
         weights, unknown = ldm_to_controlnet(state_dict, unet_config) if layout == "ldm" else (state_dict, [])
         controlnet = _empty_controlnet_like(unet_config, weights, path)
     _assign_weights(controlnet, weights, unknown, path, fallback_used=not stored)
@@ -209,16 +212,16 @@ def _layout_of(state_dict: Mapping[str, torch.Tensor], path: Path) -> str:
     )
 
 
-def _family_of_keys(state_dict: Mapping[str, torch.Tensor], layout: str, path: Path) -> str:
-    """sd1/sd2/sdxl of a foreign ControlNet, by the same tell-tale weights as full checkpoints."""
+def _family_of_keys(state_dict: Mapping[str, torch.Tensor], layout: str, path: Path) -> ModelFamily:
+    """The family of a foreign ControlNet, by the same tell-tale weights as full checkpoints."""
     if layout == "ldm":
         as_unet = {ldm_layout.UNET_PREFIX + k: v for k, v in _strip_ldm_prefix(state_dict).items()}
-        family = ldm_layout.detect_family(as_unet)
+        family = detect_family_of_keys(as_unet)
     elif "add_embedding.linear_1.weight" in state_dict:
-        family = "sdxl"
+        family = SDXL
     else:
         proj_in = state_dict.get("down_blocks.0.attentions.0.proj_in.weight")
-        family = None if proj_in is None else ("sd2" if proj_in.ndim == 2 else "sd1")
+        family = None if proj_in is None else (SD2 if proj_in.ndim == 2 else SD1)
     if family is None:
         raise ModelLoadError(f"{path}: cannot tell which model family this ControlNet is for; pass the base UNet's config")
     return family
@@ -264,7 +267,7 @@ def _assign_weights(controlnet: ControlNetModel, weights: Mapping[str, torch.Ten
 # saving
 
 
-def save_controlnet(controlnet: ControlNetModel, path: str | os.PathLike, family: Family | str,
+def save_controlnet(controlnet: ControlNetModel, path: str | os.PathLike, family: ModelFamily | str,
                     dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None,
                     overwrite: bool = False) -> None:
     """Save as a diffusers folder (``path`` without a file suffix) or one file (``.safetensors``/``.ckpt``...).
@@ -273,11 +276,11 @@ def save_controlnet(controlnet: ControlNetModel, path: str | os.PathLike, family
     carry the diffusers config in their metadata. Every write is atomic and the caller's module is
     never cast.
     """
-    fam = family if isinstance(family, Family) else resolve_family(family)
-    is_sdxl_controlnet = controlnet.config.get("addition_embed_type") == "text_time"
-    if fam.is_sdxl != is_sdxl_controlnet:
+    fam = resolve_family(family)
+    conditioned_on_sizes = family_of_unet_config(controlnet.config).size_conditioning
+    if fam.size_conditioning != conditioned_on_sizes:
         raise ValueError(f"save_controlnet was told family {fam.name}, but this ControlNet is "
-                         f"{'an SDXL' if is_sdxl_controlnet else 'an SD1/SD2'} one")
+                         f"{'an SDXL' if conditioned_on_sizes else 'an SD1/SD2'} one")
     path = Path(path)
     if is_single_file(path):
         _save_single_file(controlnet, path, fam, dtype, metadata)
@@ -285,10 +288,10 @@ def save_controlnet(controlnet: ControlNetModel, path: str | os.PathLike, family
         _save_folder(controlnet, path, dtype, overwrite)
 
 
-def _save_single_file(controlnet: ControlNetModel, path: Path, family: Family, dtype: torch.dtype | None,
+def _save_single_file(controlnet: ControlNetModel, path: Path, family: ModelFamily, dtype: torch.dtype | None,
                       metadata: Mapping[str, str] | None) -> None:
     state_dict = controlnet.state_dict()
-    if not family.is_sdxl:
+    if family.controlnet_file_in_ldm_layout:
         state_dict = controlnet_to_ldm(state_dict, controlnet.config)
     if dtype is not None:
         state_dict = _cast(state_dict, dtype)

@@ -5,29 +5,33 @@ so a save followed by a load is the identity by construction. Text encoders are 
 ``text_model.*`` names (what transformers' CLIPTextModelWithProjection uses); `library.models` adapts to
 modules that drop that prefix.
 
-Single-file prefixes:
-  UNet ``model.diffusion_model.``; VAE ``first_stage_model.``;
-  SD1 text encoder ``cond_stage_model.transformer.`` (HF CLIP names);
-  SD2 text encoder ``cond_stage_model.model.`` (OpenCLIP names);
-  SDXL ``conditioner.embedders.0.transformer.`` (HF CLIP) and ``conditioner.embedders.1.model.`` (OpenCLIP,
-  with ``text_projection`` stored transposed and a ``logit_scale``).
+Single-file prefixes: UNet ``model.diffusion_model.``; VAE ``first_stage_model.``; each family's text
+encoders where its `library.models.families.TextEncoderSpec` says (HF CLIP names, or OpenCLIP names with
+``text_projection`` stored transposed and, with a projection, a ``logit_scale``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import torch
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-SD1_TE_PREFIX = "cond_stage_model.transformer."
-SD2_TE_PREFIX = "cond_stage_model.model."
-SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."
-SDXL_TE2_PREFIX = "conditioner.embedders.1.model."
 # CLIP's trained temperature, ln(100); stored by SGM checkpoints though no SD pipeline uses it.
 OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
+
+
+
+class TextEncoderLayout(Protocol):
+    """Where one text encoder lives in a single file (`library.models.families.TextEncoderSpec` is one)."""
+
+    component: str  # "text_encoder", "text_encoder_2"
+    ldm_prefix: str
+    open_clip: bool  # OpenCLIP names in the file (a with_projection one also stores ``logit_scale``)
+    with_projection: bool
+
 
 _UNET_RESNET_RENAMES = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
                         ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
@@ -247,21 +251,6 @@ def hf_to_open_clip(state_dict: dict[str, torch.Tensor], num_layers: int) -> dic
 # whole checkpoints
 
 
-def detect_family(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """'sd1' | 'sd2' | 'sdxl' from the keys alone, or None if this is no SD checkpoint we know."""
-    keys = state_dict.keys()
-    if any(k.startswith(SDXL_TE2_PREFIX) or k.startswith(UNET_PREFIX + "label_emb.") for k in keys):
-        return "sdxl"
-    if any(k.startswith(SD2_TE_PREFIX) for k in keys):
-        return "sd2"
-    if any(k.startswith(SD1_TE_PREFIX) for k in keys):
-        return "sd1"
-    proj_in = state_dict.get(UNET_PREFIX + "input_blocks.1.1.proj_in.weight")
-    if proj_in is not None:  # a UNet-only file: SD2 uses linear projections, SD1 1x1 convolutions
-        return "sd2" if proj_in.ndim == 2 else "sd1"
-    return None
-
-
 def _select(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
@@ -272,7 +261,8 @@ def _require(value: str | None, key: str, component: str) -> str:
     return value
 
 
-def ldm_to_diffusers(state_dict: dict[str, torch.Tensor], family: str, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+def ldm_to_diffusers(state_dict: dict[str, torch.Tensor], text_encoders: Sequence[TextEncoderLayout],
+                     configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
     """Per-component diffusers state dicts (text encoders in canonical ``text_model.*`` names)."""
     unet = unet_table(configs["unet"])
     out: dict[str, dict[str, torch.Tensor]] = {"unet": {}}
@@ -282,38 +272,29 @@ def ldm_to_diffusers(state_dict: dict[str, torch.Tensor], family: str, configs: 
             out["unet"][new_key] = value
     vae_cfg = configs["vae"]
     out["vae"] = vae_ldm_to_diffusers(_select(state_dict, VAE_PREFIX), len(vae_cfg["block_out_channels"]), vae_cfg.get("layers_per_block", 2))
-    te = configs["text_encoder"]
-    if family == "sd1":
-        out["text_encoder"] = _select(state_dict, SD1_TE_PREFIX)
-    elif family == "sd2":
-        out["text_encoder"] = open_clip_to_hf(_select(state_dict, SD2_TE_PREFIX), te["num_hidden_layers"], with_projection=False)
-    else:
-        out["text_encoder"] = _select(state_dict, SDXL_TE1_PREFIX)
-        te2 = configs["text_encoder_2"]
-        out["text_encoder_2"] = open_clip_to_hf(_select(state_dict, SDXL_TE2_PREFIX), te2["num_hidden_layers"], with_projection=True)
-    for name in ("text_encoder", "text_encoder_2"):
-        if name in out:
-            out[name] = {k: v for k, v in out[name].items() if not k.endswith("position_ids")}
+    for spec in text_encoders:
+        weights = _select(state_dict, spec.ldm_prefix)
+        if spec.open_clip:
+            weights = open_clip_to_hf(weights, configs[spec.component]["num_hidden_layers"], with_projection=spec.with_projection)
+        out[spec.component] = {k: v for k, v in weights.items() if not k.endswith("position_ids")}
     return out
 
 
-def diffusers_to_ldm(components: dict[str, dict[str, torch.Tensor]], family: str, configs: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+def diffusers_to_ldm(components: dict[str, dict[str, torch.Tensor]], text_encoders: Sequence[TextEncoderLayout],
+                     configs: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
     """One flat LDM-layout state dict from per-component diffusers state dicts (canonical TE names)."""
     unet = unet_table(configs["unet"])
     out = {UNET_PREFIX + _require(unet.diffusers_key_to_ldm(k), k, "UNet"): v for k, v in components["unet"].items()}
     vae_cfg = configs["vae"]
     vae = vae_diffusers_to_ldm(components["vae"], len(vae_cfg["block_out_channels"]), vae_cfg.get("layers_per_block", 2))
     out.update({VAE_PREFIX + k: v for k, v in vae.items()})
-    te = components["text_encoder"]
-    if family == "sd1":
-        out.update(_prefixed(te, SD1_TE_PREFIX))
-    elif family == "sd2":
-        out.update(_prefixed(hf_to_open_clip(te, configs["text_encoder"]["num_hidden_layers"]), SD2_TE_PREFIX))
-    else:
-        out.update(_prefixed(te, SDXL_TE1_PREFIX))
-        te2 = hf_to_open_clip(components["text_encoder_2"], configs["text_encoder_2"]["num_hidden_layers"])
-        te2["logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE)
-        out.update(_prefixed(te2, SDXL_TE2_PREFIX))
+    for spec in text_encoders:
+        weights = components[spec.component]
+        if spec.open_clip:
+            weights = hf_to_open_clip(weights, configs[spec.component]["num_hidden_layers"])
+            if spec.with_projection:  # SGM stores the whole OpenCLIP model, temperature included
+                weights["logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE)
+        out.update(_prefixed(weights, spec.ldm_prefix))
     return out
 
 

@@ -1,7 +1,8 @@
 """Load and save Stable Diffusion models: diffusers folders and single-file (LDM layout) checkpoints.
 
 Everything here works offline: components are built from configs (the file's own, a folder's, or the
-built-in standard configs of `library.families`) and weights are converted by `library.ldm_layout`.
+built-in standard configs of the family) and weights are converted by `library.models.ldm_layout`; what
+differs between families (text encoders, pipelines) is read off the `library.models.families` object.
 """
 
 from __future__ import annotations
@@ -9,48 +10,49 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+import diffusers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.models import ldm_layout
 from library.models.clip_tokenizer import PAD_WITH_EXCLAMATION, build_clip_tokenizer
-from library.models.families import FAMILIES, Family, FamilyName, resolve_family, standard_configs
+from library.models.families import (
+    FAMILIES,
+    FamilyName,
+    ModelFamily,
+    detect_family,
+    detect_family_of_keys,
+    family_of_folder,
+    resolve_family,
+)
+from library.models.model_files import SINGLE_FILE_SUFFIXES, ModelLoadError, is_single_file
 from library.io import atomic_save_folder, atomic_save_safetensors, read_safetensors_metadata
+from library.models.import_noise import without_import_noise
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+with without_import_noise():  # the first import of diffusers' models (they import bitsandbytes)
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
 # Written into single files we save, so they convert back to the identical folder with no flags.
 CONFIG_METADATA_KEY = "sdtrainer.diffusers_configs"
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class ModelLoadError(Exception):
-    """A model path or file that cannot be used; the message names the file and what was expected."""
 
 
 @dataclass
 class StableDiffusionModel:
     """The parts a trainer needs, as diffusers/transformers modules, plus what family they form."""
 
-    family: Family
+    family: ModelFamily
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoders: list[CLIPTextModel]
     tokenizers: list[CLIPTokenizer]
     scheduler: EulerDiscreteScheduler
     source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
@@ -58,27 +60,29 @@ class StableDiffusionModel:
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """Component configs in the form `build_model` takes (JSON-serialisable)."""
-        out = {
+        # The key order is part of the single-file metadata we write: the first text encoder, then the
+        # scheduler, then any further text encoders.
+        encoders = {spec.component: _text_config_dict(te) for spec, te in zip(self.family.text_encoders, self.text_encoders)}
+        first = self.family.text_encoders[0].component
+        return {
             "unet": _plain_config(self.unet.config),
             "vae": _plain_config(self.vae.config),
-            "text_encoder": _text_config_dict(self.text_encoders[0]),
+            first: encoders.pop(first),
             "scheduler": _plain_config(self.scheduler.config),
+            **encoders,
         }
-        if self.family.is_sdxl:
-            out["text_encoder_2"] = _text_config_dict(self.text_encoders[1])
-        return out
 
-    def to_pipeline(self) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-        if self.family.is_sdxl:
-            return StableDiffusionXLPipeline(
-                vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
-                tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet,
-                scheduler=self.scheduler, add_watermarker=False,
-            )
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,
-            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    def to_pipeline(self, controlnet: torch.nn.Module | None = None) -> Any:
+        """The family's diffusers pipeline over these very modules (its ControlNet pipeline with ``controlnet``)."""
+        family = self.family
+        components: dict[str, Any] = {"vae": self.vae, "unet": self.unet, "scheduler": self.scheduler}
+        for spec, encoder, tokenizer in zip(family.text_encoders, self.text_encoders, self.tokenizers):
+            components.update({spec.component: encoder, spec.tokenizer: tokenizer})
+        if controlnet is not None:
+            components["controlnet"] = controlnet
+        with without_import_noise():  # the pipeline modules import transformers' image processors
+            cls = getattr(diffusers, family.pipeline_class if controlnet is None else family.controlnet_pipeline_class)
+        return cls(**components, **dict(family.pipeline_options))
 
 
 def _plain_config(config: Any) -> dict[str, Any]:
@@ -92,30 +96,30 @@ def _text_config_dict(model: CLIPTextModel) -> dict[str, Any]:
     return {k: getattr(model.config, k) for k in keys}
 
 
-def tokenizers_for(family: Family) -> list[CLIPTokenizer]:
+def tokenizers_for(family: ModelFamily) -> list[CLIPTokenizer]:
     """SD1 and SDXL's first tokenizer pad with EOS; SD2 and SDXL's second pad with "!" (id 0)."""
-    if family.name == "sd1":
-        return [build_clip_tokenizer()]
-    if family.name == "sd2":
-        return [build_clip_tokenizer(PAD_WITH_EXCLAMATION)]
-    return [build_clip_tokenizer(), build_clip_tokenizer(PAD_WITH_EXCLAMATION)]
+    return [build_clip_tokenizer(PAD_WITH_EXCLAMATION) if spec.pad_with_exclamation else build_clip_tokenizer()
+            for spec in family.text_encoders]
 
 
-def build_model(family: Family | FamilyName, configs: dict[str, dict[str, Any]], seed: int | None = None,
+def _text_encoder_class(spec: Any) -> type:
+    return CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+
+
+def build_model(family: ModelFamily | FamilyName, configs: dict[str, dict[str, Any]], seed: int | None = None,
                 tokenizers: list[CLIPTokenizer] | None = None, empty_weights: bool = False) -> StableDiffusionModel:
-    """Components with random weights from config dicts (`families.tiny_configs`, `standard_configs`, ...).
+    """Components with random weights from config dicts (`ModelFamily.tiny_configs`, `standard_configs`, ...).
 
     ``empty_weights`` builds the modules on the meta device, for callers that load every weight next.
     """
-    fam = family if isinstance(family, Family) else FAMILIES[family]
+    fam = family if isinstance(family, ModelFamily) else FAMILIES[family]
     if seed is not None:
         torch.manual_seed(seed)
     with init_empty_weights() if empty_weights else contextlib.nullcontext():
         unet = UNet2DConditionModel(**_without_class_name(configs["unet"]))
         vae = AutoencoderKL(**_without_class_name(configs["vae"]))
-        text_encoders: list[CLIPTextModel] = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))]
-        if fam.is_sdxl:
-            text_encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
+        text_encoders: list[CLIPTextModel] = [_text_encoder_class(spec)(CLIPTextConfig(**configs[spec.component]))
+                                              for spec in fam.text_encoders]
     scheduler = EulerDiscreteScheduler.from_config(_without_class_name(configs["scheduler"]))
     for module in (unet, vae, *text_encoders):
         module.eval()
@@ -190,86 +194,20 @@ def _write_slow_tokenizer_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
-def detect_model_family(path: str | os.PathLike) -> FamilyName | None:
-    """The family of a model path without loading weights: the one detector for start-up and loading.
-
-    A diffusers folder by its configs; a ``.safetensors`` file by its header's keys; a pickled checkpoint
-    by its keys through a memory map. None when the path does not exist or is no model we can peek into
-    (the full load then says why); a file that is not what its name says is a `ModelLoadError`.
-    """
-    p = Path(path)
-    if p.is_dir():
-        return _family_of_folder(p).name if (p / "model_index.json").is_file() else None
-    if not p.is_file():
-        return None
-    if p.suffix.lower() == ".safetensors":
-        return ldm_layout.detect_family(_safetensors_shapes(p))
-    if is_single_file(p):
-        return _family_of_pickle(p)
-    return None
-
-
-def _safetensors_shapes(path: Path) -> dict[str, "_ShapeOnly"]:
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), "pt")
-        return {key: _ShapeOnly(handle, key) for key in handle.keys()}
-    except Exception as error:  # noqa: BLE001 - a broken header: the user needs the file name and the fix
-        reason = " ".join(str(error).split())
-        raise ModelLoadError(f"{path} could not be read as a safetensors file ({reason}): it is truncated or not a "
-                             "model file; download it again or pass another model") from error
-
-
-class _ShapeOnly:
-    """Enough of a tensor for `ldm_layout.detect_family`: ``ndim`` of one key, read from the header lazily."""
-
-    def __init__(self, handle: Any, key: str) -> None:
-        self._handle, self._key = handle, key
-
-    @property
-    def ndim(self) -> int:
-        return len(self._handle.get_slice(self._key).get_shape())
-
-
-def _family_of_pickle(path: Path) -> FamilyName | None:
-    """Keys of a zip-format checkpoint through a memory map (no tensor data read); None for other formats."""
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - legacy formats cannot be mapped; the full load reports real damage
-        return None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    return ldm_layout.detect_family(data) if isinstance(data, dict) else None
-
-
-def _family_of_folder(folder: Path) -> Family:
-    index = json.loads((folder / "model_index.json").read_text())
-    if index.get("_class_name", "").startswith("StableDiffusionXL") or "text_encoder_2" in index:
-        return FAMILIES["sdxl"]
-    te_config_file = folder / "text_encoder" / "config.json"
-    if not te_config_file.is_file():
-        raise ModelLoadError(f"{folder} is not a Stable Diffusion model folder: text_encoder/config.json is missing")
-    te_config = json.loads(te_config_file.read_text())
-    # SD2's OpenCLIP encoder uses gelu; CLIP ViT-L (SD1) uses quick_gelu.
-    return FAMILIES["sd2"] if te_config.get("hidden_act") == "gelu" else FAMILIES["sd1"]
-
-
 def load_diffusers(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> StableDiffusionModel:
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder} is not a diffusers model folder: model_index.json is missing")
-    family = _family_of_folder(folder)
+    family = family_of_folder(folder)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
-    text_encoders = [_load_text_encoder(CLIPTextModel, folder, "text_encoder", kwargs)]
-    tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)]
-    if family.is_sdxl:
-        text_encoders.append(_load_text_encoder(CLIPTextModelWithProjection, folder, "text_encoder_2", kwargs))
-        tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True))
+    text_encoders = [_load_text_encoder(_text_encoder_class(spec), folder, spec.component, kwargs)
+                     for spec in family.text_encoders]
+    tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=spec.tokenizer, local_files_only=True)
+                  for spec in family.text_encoders]
     scheduler = EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     for module in (unet, vae, *text_encoders):
         module.eval()
@@ -326,32 +264,31 @@ def load_single_file(path: str | os.PathLike, family: str | None = None, model_c
     """
     path = Path(path)
     state_dict, metadata = read_checkpoint(path)
-    detected = ldm_layout.detect_family(state_dict)
-    if detected is None:
+    fam = detect_family_of_keys(state_dict)
+    if fam is None:
         raise ModelLoadError(
             f"{path} is not a Stable Diffusion 1.x, 2.x or SDXL checkpoint in the original (LDM) layout: "
             "none of model.diffusion_model.*, cond_stage_model.* or conditioner.embedders.* keys were found"
         )
-    if family is not None and resolve_family(family).name != detected:
-        raise ModelLoadError(f"{path} holds an {detected} model, but --family {family} was given; drop the flag or pick the right file")
-    fam = FAMILIES[detected]
+    if family is not None and resolve_family(family) is not fam:
+        raise ModelLoadError(f"{path} holds an {fam.name} model, but --family {family} was given; drop the flag or pick the right file")
     configs = _configs_for_single_file(metadata, fam, model_config)
     if prediction_type is not None:
         configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
     model = build_model(fam, configs, empty_weights=True)  # no time spent on random init of weights we replace
-    diffusers_sd = ldm_layout.ldm_to_diffusers(state_dict, fam.name, configs)
+    diffusers_sd = ldm_layout.ldm_to_diffusers(state_dict, fam.text_encoders, configs)
     _load_component_weights(model, diffusers_sd, path)
     model.source = str(path)
     return model
 
 
-def _configs_for_single_file(metadata: dict[str, str], family: Family, model_config: str | None) -> dict[str, dict[str, Any]]:
+def _configs_for_single_file(metadata: dict[str, str], family: ModelFamily, model_config: str | None) -> dict[str, dict[str, Any]]:
     if model_config is not None:
         return load_diffusers_configs(model_config)
     stored = metadata.get(CONFIG_METADATA_KEY)
     if stored:
         return json.loads(stored)
-    return standard_configs(family.name)
+    return family.standard_configs()
 
 
 def load_diffusers_configs(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -404,10 +341,10 @@ def save_single_file(model: StableDiffusionModel, path: str | os.PathLike, dtype
                      metadata: dict[str, str] | None = None) -> None:
     """One LDM-layout `.safetensors` (or `.ckpt`) file, as A1111 and ComfyUI load it, written atomically."""
     path = Path(path)
-    state_dict = ldm_layout.diffusers_to_ldm(_component_state_dicts(model), model.family.name, model.configs())
+    state_dict = ldm_layout.diffusers_to_ldm(_component_state_dicts(model), model.family.text_encoders, model.configs())
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    meta = {CONFIG_METADATA_KEY: json.dumps(model.configs()), "modelspec.architecture": _architecture(model)}
+    meta = {CONFIG_METADATA_KEY: json.dumps(model.configs()), "modelspec.architecture": model.family.modelspec_architecture}
     meta.update(metadata or {})
     if path.suffix == ".safetensors":
         atomic_save_safetensors(state_dict, path, meta)
@@ -417,14 +354,9 @@ def save_single_file(model: StableDiffusionModel, path: str | os.PathLike, dtype
         atomic_torch_save({"state_dict": state_dict, **meta}, path)
 
 
-def _architecture(model: StableDiffusionModel) -> str:
-    return {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}[model.family.name]
-
-
 def _component_modules(model: StableDiffusionModel) -> dict[str, torch.nn.Module]:
-    modules: dict[str, torch.nn.Module] = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoders[0]}
-    if model.family.is_sdxl:
-        modules["text_encoder_2"] = model.text_encoders[1]
+    modules: dict[str, torch.nn.Module] = {"unet": model.unet, "vae": model.vae}
+    modules.update({spec.component: te for spec, te in zip(model.family.text_encoders, model.text_encoders)})
     return modules
 
 
@@ -454,10 +386,6 @@ def _module_te_keys(weights: dict[str, torch.Tensor], module: torch.nn.Module) -
 # entry points the scripts use
 
 
-def is_single_file(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
-
-
 def load_model(path: str | os.PathLike, family: str | None = None, vae: str | None = None,
                model_config: str | None = None, prediction_type: str | None = None) -> StableDiffusionModel:
     """Load a diffusers folder or a single file; ``vae`` replaces the VAE (a file or a folder)."""
@@ -467,13 +395,13 @@ def load_model(path: str | os.PathLike, family: str | None = None, vae: str | No
         if not p.is_absolute() and str(path).count("/") == 1 and not is_single_file(path):
             hint = " (model hub names cannot be downloaded here: download the model and pass its local path)"
         raise ModelLoadError(f"{path} does not exist: pass a diffusers model folder or a .safetensors/.ckpt file{hint}")
-    detected = detect_model_family(p)  # a damaged file fails here, with the same message as at start-up
-    if family is not None and detected is not None and resolve_family(family).name != detected:
-        raise ModelLoadError(f"{p} holds an {detected} model, but --family {family} was given; drop the flag or "
+    detected = detect_family(p)  # a damaged file fails here, with the same message as at start-up
+    if family is not None and detected is not None and resolve_family(family) is not detected:
+        raise ModelLoadError(f"{p} holds an {detected.name} model, but --family {family} was given; drop the flag or "
                              "pick the right model")
     if p.is_dir():
         model = load_diffusers(p)
-        if family is not None and resolve_family(family).name != model.family.name:
+        if family is not None and resolve_family(family) is not model.family:
             raise ModelLoadError(f"{p} holds an {model.family.name} model, but --family {family} was given")
         if prediction_type is not None and prediction_type != model.prediction_type:
             model.scheduler = EulerDiscreteScheduler.from_config(model.scheduler.config, prediction_type=prediction_type)

@@ -46,17 +46,6 @@ def parse_block_lr(text: str) -> list[float]:
     return rates
 
 
-def check_block_lr_flag(args: Any) -> str | None:
-    """Parser validator: a malformed --block_lr is refused with the other flag errors, before any work."""
-    try:
-        text = getattr(args, "block_lr", None)
-        if text:
-            parse_block_lr(text)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 def block_param_groups(unet: nn.Module, block_lrs: list[float]) -> list[dict[str, Any]]:
     """One optimizer group per block with a non-zero LR; a block with LR 0 is left out (frozen)."""
     table = unet_table(dict(unet.config))

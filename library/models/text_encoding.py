@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from library.models.clip_tokenizer import EOS_ID
-from library.models.families import FamilyName
+from library.models.families import FamilyName, ModelFamily, resolve_family
 
 CHUNK_TOKENS = 75  # caption tokens per 77-position CLIP window
 CHUNK_LENGTH = CHUNK_TOKENS + 2
@@ -171,26 +171,27 @@ def encode_sdxl(
 
 
 def encode_tokens(
-    family: FamilyName,
+    family: FamilyName | ModelFamily,
     text_encoders: Sequence[nn.Module],
     tokens: Sequence[torch.Tensor],
     clip_skip: int | None = None,
     eos_token_id: int = EOS_ID,
 ) -> EncodedPrompts:
-    """Encode per-tokenizer ids of shape (B, n, 77) for ``family`` (one tensor per text encoder)."""
-    if family in ("sd1", "sd2"):
-        if len(text_encoders) != 1 or len(tokens) != 1:
-            raise ValueError(f"{family} has one text encoder and one tokenizer")
+    """Encode per-tokenizer ids of shape (B, n, 77) for ``family`` (one tensor per text encoder): one encoder
+    read at ``clip_skip``, or (a family whose UNet also takes the pooled text) SDXL's pair."""
+    fam = resolve_family(family)
+    if len(text_encoders) != len(fam.text_encoders) or len(tokens) != len(fam.text_encoders):
+        raise ValueError(f"{fam.name} has {_ENCODER_COUNTS[len(fam.text_encoders)]}")
+    if not fam.size_conditioning:
         return EncodedPrompts(hidden_states=encode_sd(text_encoders[0], tokens[0], clip_skip))
-    if family == "sdxl":
-        if len(text_encoders) != 2 or len(tokens) != 2:
-            raise ValueError("sdxl has two text encoders and two tokenizers")
-        if clip_skip not in (None, 2):
-            raise ValueError(
-                "SDXL always uses the penultimate layer of both text encoders; clip_skip must be unset (or 2)"
-            )
-        return encode_sdxl(text_encoders[0], text_encoders[1], tokens[0], tokens[1], eos_token_id)
-    raise ValueError(f"unknown model family {family!r}: expected sd1, sd2 or sdxl")
+    if clip_skip not in (None, 2):
+        raise ValueError(
+            "SDXL always uses the penultimate layer of both text encoders; clip_skip must be unset (or 2)"
+        )
+    return encode_sdxl(text_encoders[0], text_encoders[1], tokens[0], tokens[1], eos_token_id)
+
+
+_ENCODER_COUNTS = {1: "one text encoder and one tokenizer", 2: "two text encoders and two tokenizers"}
 
 
 @dataclass
@@ -205,7 +206,7 @@ class PromptEncoder:
 
     def __post_init__(self) -> None:
         chunk_count(self.max_token_length)
-        expected = 2 if self.family == "sdxl" else 1
+        expected = len(resolve_family(self.family).text_encoders)
         if len(self.tokenizers) != expected or len(self.text_encoders) != expected:
             raise ValueError(f"{self.family} needs {expected} tokenizer(s) and {expected} text encoder(s)")
 

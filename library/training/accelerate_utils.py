@@ -27,7 +27,6 @@ Launching (CPU, measured):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import random
@@ -52,8 +51,6 @@ from accelerate.utils import (
 )
 from torch import nn
 
-from library.cli.config import add_validator
-
 DEEPSPEED_INSTALL = "DS_BUILD_OPS=0 pip install deepspeed"
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
 OFFLOAD_DEVICES: tuple[str, ...] = ("none", "cpu", "nvme")
@@ -62,68 +59,69 @@ SEED_RANGE = 2**32  # numpy's seed range, which accelerate.utils.set_seed also f
 
 
 # --------------------------------------------------------------------------------------------------------
-# Flags
+# Options
 # --------------------------------------------------------------------------------------------------------
 
 
-def add_accelerate_arguments(parser: argparse.ArgumentParser) -> None:
-    """DeepSpeed and DDP flags (kohya's names and defaults); the rest build_accelerator reads is in config.py."""
-    group = parser.add_argument_group("distributed")
-    group.add_argument("--deepspeed", action="store_true", help="train with DeepSpeed ZeRO (Linux)")
-    group.add_argument("--zero_stage", type=int, choices=ZERO_STAGES, default=2,
-                       help="DeepSpeed ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also weights")
-    group.add_argument("--offload_optimizer_device", type=str, choices=OFFLOAD_DEVICES, default=None,
-                       help="DeepSpeed: keep optimizer states on cpu or nvme (ZeRO stage 1-3)")
-    group.add_argument("--offload_optimizer_nvme_path", type=str, default=None,
-                       help="DeepSpeed: folder for --offload_optimizer_device nvme")
-    group.add_argument("--offload_param_device", type=str, choices=OFFLOAD_DEVICES, default=None,
-                       help="DeepSpeed: keep parameters on cpu or nvme (ZeRO stage 3 only)")
-    group.add_argument("--offload_param_nvme_path", type=str, default=None,
-                       help="DeepSpeed: folder for --offload_param_device nvme")
-    group.add_argument("--zero3_init_flag", action="store_true",
-                       help="DeepSpeed: build models partitioned with deepspeed.zero.Init (ZeRO stage 3 only)")
-    group.add_argument("--zero3_save_16bit_model", action="store_true",
-                       help="DeepSpeed: gather the 16-bit weights when saving (needed to save under ZeRO stage 3)")
-    group.add_argument("--fp16_master_weights_and_gradients", action="store_true",
-                       help="DeepSpeed: keep master weights and gradients in fp16 (needs --mixed_precision fp16 "
-                            "and --offload_optimizer_device cpu)")
-    group.add_argument("--ddp_timeout", type=int, default=None,
-                       help="minutes before a stuck collective aborts (default: torch's, 30 min for gloo)")
-    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
-                       help="DDP gradient_as_bucket_view: gradients alias the all-reduce buckets (saves memory)")
-    group.add_argument("--ddp_static_graph", action="store_true",
-                       help="DDP static_graph: the set of used parameters never changes between steps")
-    add_validator(parser, deepspeed_flag_error)
+@dataclass(frozen=True)
+class AcceleratorOptions:
+    """What the Accelerator is built from: precision, accumulation, logging, compile, attention, DDP, DeepSpeed.
+
+    Field names are the flags' (library.cli.accelerate_args fills it), so error messages name the flag to fix.
+    """
+
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    train_batch_size: int = 1
+    logging_dir: str | None = None
+    log_with: str | None = None
+    log_prefix: str | None = None
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
+    xformers: bool = False
+    deepspeed: bool = False
+    zero_stage: int = 2
+    offload_optimizer_device: str | None = None
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_device: str | None = None
+    offload_param_nvme_path: str | None = None
+    zero3_init_flag: bool = False
+    zero3_save_16bit_model: bool = False
+    fp16_master_weights_and_gradients: bool = False
+    ddp_timeout: int | None = None
+    ddp_gradient_as_bucket_view: bool = False
+    ddp_static_graph: bool = False
 
 
-def deepspeed_flag_error(args: argparse.Namespace) -> str | None:
+def deepspeed_flag_error(options: AcceleratorOptions) -> str | None:
     """The first inconsistent DeepSpeed/DDP flag combination, or None; a flag that would do nothing is an error."""
-    if not getattr(args, "deepspeed", False):
+    if not options.deepspeed:
         ds_only = [name for name in ("offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
                                      "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
-                                     "fp16_master_weights_and_gradients") if getattr(args, name, None)]
+                                     "fp16_master_weights_and_gradients") if getattr(options, name)]
         if ds_only:
             return f"--{ds_only[0]} only applies with --deepspeed"
         return None
-    stage = args.zero_stage
-    ddp_only = [name for name in ("ddp_gradient_as_bucket_view", "ddp_static_graph") if getattr(args, name, False)]
+    stage = options.zero_stage
+    ddp_only = [name for name in ("ddp_gradient_as_bucket_view", "ddp_static_graph") if getattr(options, name)]
     if ddp_only:
         return f"--{ddp_only[0]} configures DDP, which --deepspeed replaces: remove it"
     for kind in ("optimizer", "param"):
-        device = getattr(args, f"offload_{kind}_device", None)
-        if device == "nvme" and not getattr(args, f"offload_{kind}_nvme_path", None):
+        device = getattr(options, f"offload_{kind}_device")
+        if device == "nvme" and not getattr(options, f"offload_{kind}_nvme_path"):
             return f"--offload_{kind}_device nvme needs --offload_{kind}_nvme_path"
-    if _offloads(args.offload_optimizer_device) and stage == 0:
+    if _offloads(options.offload_optimizer_device) and stage == 0:
         return "--offload_optimizer_device needs --zero_stage 1, 2 or 3"
-    if _offloads(args.offload_param_device) and stage != 3:
+    if _offloads(options.offload_param_device) and stage != 3:
         return f"--offload_param_device needs --zero_stage 3 (got {stage})"
-    if (args.zero3_init_flag or args.zero3_save_16bit_model) and stage != 3:
-        flag = "--zero3_init_flag" if args.zero3_init_flag else "--zero3_save_16bit_model"
+    if (options.zero3_init_flag or options.zero3_save_16bit_model) and stage != 3:
+        flag = "--zero3_init_flag" if options.zero3_init_flag else "--zero3_save_16bit_model"
         return f"{flag} needs --zero_stage 3 (got {stage})"
-    if args.fp16_master_weights_and_gradients:
-        if getattr(args, "mixed_precision", "no") != "fp16":
+    if options.fp16_master_weights_and_gradients:
+        if options.mixed_precision != "fp16":
             return "--fp16_master_weights_and_gradients needs --mixed_precision fp16"
-        if args.offload_optimizer_device != "cpu" or stage == 0:
+        if options.offload_optimizer_device != "cpu" or stage == 0:
             return ("--fp16_master_weights_and_gradients needs --offload_optimizer_device cpu and --zero_stage 1-3 "
                     "(DeepSpeed supports it only with its CPU Adam)")
     return None
@@ -138,7 +136,7 @@ def _offloads(device: str | None) -> bool:
 # --------------------------------------------------------------------------------------------------------
 
 
-def build_accelerator(args: argparse.Namespace) -> Accelerator:
+def build_accelerator(options: AcceleratorOptions) -> Accelerator:
     """The ONE place the Accelerator is built, so every script gets the same precision, logging and backend.
 
     Reads --mixed_precision, --gradient_accumulation_steps, --logging_dir/--log_with/--log_prefix,
@@ -146,36 +144,36 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     otherwise surface deep inside the first training step (xformers without CUDA, a missing package, a
     launcher that enabled a different DeepSpeed setup) are raised here, before any model is loaded.
     """
-    check_xformers(args)
+    check_xformers(options)
     cuda = torch.cuda.is_available()
-    deepspeed_plugin = build_deepspeed_plugin(args) if getattr(args, "deepspeed", False) else None
+    deepspeed_plugin = build_deepspeed_plugin(options) if options.deepspeed else None
     if deepspeed_plugin is not None and "LOCAL_RANK" not in os.environ:
         # Without a launcher DeepSpeed falls back to MPI discovery and dies on a missing mpi4py.
         raise ValueError(f"--deepspeed needs a distributed launcher: accelerate launch --multi_gpu --num_processes N "
                          f"(N >= 2), or for one process accelerate launch --use_deepspeed --zero_stage "
-                         f"{args.zero_stage} --num_processes 1")
+                         f"{options.zero_stage} --num_processes 1")
     if deepspeed_plugin is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise ValueError("the launcher enabled DeepSpeed (accelerate config or --use_deepspeed) but the script got "
                          "no --deepspeed: pass --deepspeed --zero_stage N to the training script instead")
-    log_with = resolve_log_with(args)
+    log_with = resolve_log_with(options)
     project_dir = None
-    if args.logging_dir is not None:
-        project_dir = str(log_run_dir(args.logging_dir, args.log_prefix, time.localtime()))
+    if options.logging_dir is not None:
+        project_dir = str(log_run_dir(options.logging_dir, options.log_prefix, time.localtime()))
     return Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=options.mixed_precision,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
         cpu=not cuda and deepspeed_plugin is None,
         log_with=log_with,
         project_dir=project_dir,
-        kwargs_handlers=build_kwargs_handlers(args, cuda=cuda),
-        dynamo_plugin=build_dynamo_plugin(args),
+        kwargs_handlers=build_kwargs_handlers(options, cuda=cuda),
+        dynamo_plugin=build_dynamo_plugin(options),
         deepspeed_plugin=deepspeed_plugin,
     )
 
 
-def check_xformers(args: argparse.Namespace) -> None:
+def check_xformers(options: AcceleratorOptions) -> None:
     """Fail at start-up when --xformers cannot work: it has CUDA kernels only, and it is an optional package."""
-    if not getattr(args, "xformers", False):
+    if not options.xformers:
         return
     if not torch.cuda.is_available():
         raise ValueError("--xformers needs a CUDA GPU (xformers has no CPU kernels): use --sdpa instead")
@@ -186,12 +184,12 @@ def check_xformers(args: argparse.Namespace) -> None:
                           "(built for your torch version), or use --sdpa") from error
 
 
-def resolve_log_with(args: argparse.Namespace) -> str | None:
+def resolve_log_with(options: AcceleratorOptions) -> str | None:
     """--log_with, defaulting to tensorboard when only --logging_dir is given (kohya's rule)."""
-    log_with = args.log_with
+    log_with = options.log_with
     if log_with is None:
-        return "tensorboard" if args.logging_dir is not None else None
-    if log_with in ("tensorboard", "all") and args.logging_dir is None:
+        return "tensorboard" if options.logging_dir is not None else None
+    if log_with in ("tensorboard", "all") and options.logging_dir is None:
         raise ValueError(f"--log_with {log_with} needs --logging_dir (where the TensorBoard events go)")
     if log_with == "wandb":
         import importlib.util
@@ -205,31 +203,31 @@ def log_run_dir(logging_dir: str | os.PathLike, log_prefix: str | None, now: tim
     return Path(logging_dir) / f"{log_prefix or ''}{time.strftime(LOG_TIME_FORMAT, now)}"
 
 
-def build_dynamo_plugin(args: argparse.Namespace) -> TorchDynamoPlugin:
+def build_dynamo_plugin(options: AcceleratorOptions) -> TorchDynamoPlugin:
     """Compile only with --torch_compile; otherwise an explicit "no", so a launcher's env cannot compile silently."""
-    if not args.torch_compile:
+    if not options.torch_compile:
         return TorchDynamoPlugin(backend="no")
-    backend = str(args.dynamo_backend)
+    backend = str(options.dynamo_backend)
     if backend.upper() not in DynamoBackend.__members__ or backend.upper() == "NO":
         choices = ", ".join(b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO)
         raise ValueError(f"--dynamo_backend {backend} is not a torch.compile backend accelerate knows ({choices})")
     return TorchDynamoPlugin(backend=backend)
 
 
-def build_kwargs_handlers(args: argparse.Namespace, cuda: bool) -> list[KwargsHandler]:
+def build_kwargs_handlers(options: AcceleratorOptions, cuda: bool) -> list[KwargsHandler]:
     """Process-group and DDP settings; the process-group handler only for a launched multi-process run."""
     handlers: list[KwargsHandler] = []
     if _launched_world_size() > 1:
         windows = sys.platform == "win32"
-        timeout = timedelta(minutes=args.ddp_timeout) if getattr(args, "ddp_timeout", None) else None
+        timeout = timedelta(minutes=options.ddp_timeout) if options.ddp_timeout else None
         handlers.append(InitProcessGroupKwargs(
             backend="nccl" if cuda and not windows else "gloo",
             # torch >= 2.4 on Windows is built without libuv; the TCPStore must not ask for it.
             init_method="env://?use_libuv=False" if windows else None,
             timeout=timeout,
         ))
-    as_bucket_view = getattr(args, "ddp_gradient_as_bucket_view", False)
-    static_graph = getattr(args, "ddp_static_graph", False)
+    as_bucket_view = options.ddp_gradient_as_bucket_view
+    static_graph = options.ddp_static_graph
     if as_bucket_view or static_graph:
         handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=as_bucket_view,
                                                       static_graph=static_graph))
@@ -241,47 +239,47 @@ def _launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_deepspeed_plugin(args: argparse.Namespace) -> DeepSpeedPlugin:
+def build_deepspeed_plugin(options: AcceleratorOptions) -> DeepSpeedPlugin:
     """A DeepSpeedPlugin from our flags alone; every field is set so no ACCELERATE_DEEPSPEED_* env leaks in."""
     try:
         import deepspeed  # noqa: F401
     except ImportError as error:
         raise ImportError(f"--deepspeed needs deepspeed: {DEEPSPEED_INSTALL}") from error
-    problem = deepspeed_flag_error(args)
+    problem = deepspeed_flag_error(options)
     if problem is not None:
         raise ValueError(problem)
-    _check_launcher_agrees(args)
+    _check_launcher_agrees(options)
     plugin = DeepSpeedPlugin(
         hf_ds_config=None,
-        zero_stage=args.zero_stage,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        zero_stage=options.zero_stage,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
         # 0 disables clipping (kohya). It must be 0.0, not None: None makes accelerate write "auto", which it
         # later fills with 1.0, silently clipping a run that asked for none.
-        gradient_clipping=float(args.max_grad_norm or 0.0),
-        offload_optimizer_device=args.offload_optimizer_device or "none",
-        offload_optimizer_nvme_path=args.offload_optimizer_nvme_path or "none",
-        offload_param_device=args.offload_param_device or "none",
-        offload_param_nvme_path=args.offload_param_nvme_path or "none",
-        zero3_init_flag=args.zero3_init_flag,
-        zero3_save_16bit_model=args.zero3_save_16bit_model,
+        gradient_clipping=float(options.max_grad_norm or 0.0),
+        offload_optimizer_device=options.offload_optimizer_device or "none",
+        offload_optimizer_nvme_path=options.offload_optimizer_nvme_path or "none",
+        offload_param_device=options.offload_param_device or "none",
+        offload_param_nvme_path=options.offload_param_nvme_path or "none",
+        zero3_init_flag=options.zero3_init_flag,
+        zero3_save_16bit_model=options.zero3_save_16bit_model,
     )
     # accelerate can only infer the micro batch from a prepared DataLoader; ours is not prepared.
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    if args.fp16_master_weights_and_gradients:
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = options.train_batch_size
+    if options.fp16_master_weights_and_gradients:
         # Pre-seeding the fp16 section keeps accelerate's set_mixed_precision from replacing it.
         plugin.deepspeed_config["fp16"] = {"enabled": True, "auto_cast": True, "fp16_master_weights_and_grads": True}
     return plugin
 
 
-def _check_launcher_agrees(args: argparse.Namespace) -> None:
+def _check_launcher_agrees(options: AcceleratorOptions) -> None:
     """Our flags are the single source of the DeepSpeed config: refuse a launcher config that says otherwise."""
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if config_file != "none":
         raise ValueError(f"--deepspeed builds the DeepSpeed config from the flags; the launcher's "
                          f"deepspeed_config_file {config_file} would be ignored: remove it from the accelerate config")
     launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    if launcher_stage is not None and int(launcher_stage) != args.zero_stage:
-        raise ValueError(f"the launcher says ZeRO stage {launcher_stage} but --zero_stage is {args.zero_stage}: "
+    if launcher_stage is not None and int(launcher_stage) != options.zero_stage:
+        raise ValueError(f"the launcher says ZeRO stage {launcher_stage} but --zero_stage is {options.zero_stage}: "
                          "give the stage to the training script only")
 
 

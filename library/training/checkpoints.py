@@ -8,12 +8,11 @@ Unlike kohya, ``--save_state`` state holds the whole position of the run (optimi
 consumed in the epoch, the seed), and ``--resume`` continues from exactly there: the batch sampler skips
 the consumed batches and every random draw is seeded from (seed, step), so an interrupted and resumed run
 ends with the same weights as an uninterrupted one. Writing and reading state folders (safetensors and JSON,
-never pickle, atomically swapped in) is ``library.train_state_io``.
+never pickle, atomically swapped in) is ``library.training.train_state_io``.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import re
@@ -41,18 +40,6 @@ class SaveSettings:
     save_state_on_train_end: bool = False
     last_n_steps_state: int | None = None
     last_n_epochs_state: int | None = None
-
-    @staticmethod
-    def from_args(args: argparse.Namespace, extension: str) -> "SaveSettings":
-        output_name = args.output_name or "last"
-        return SaveSettings(
-            output_dir=Path(args.output_dir), output_name=output_name, extension=extension,
-            every_n_steps=args.save_every_n_steps or None, every_n_epochs=args.save_every_n_epochs or None,
-            last_n_steps=args.save_last_n_steps or None, last_n_epochs=args.save_last_n_epochs or None,
-            save_state=bool(args.save_state), save_state_on_train_end=bool(args.save_state_on_train_end),
-            last_n_steps_state=getattr(args, "save_last_n_steps_state", None) or None,
-            last_n_epochs_state=getattr(args, "save_last_n_epochs_state", None) or None,
-        )
 
     def step_name(self, step: int) -> str:
         return f"{self.output_name}-step{step:08d}"

@@ -32,7 +32,6 @@ average the shards). DDP and ZeRO-1/2 keep full parameters and work.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -40,8 +39,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from library.cli.config import add_validator, non_negative_int, positive_int
 
 DEFAULT_DECAY = 0.9999
 EMA_DEVICES: tuple[str, ...] = ("cpu", "same")
@@ -166,12 +163,13 @@ def _lerp_(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: flo
 
 
 class ExponentialMovingAverage:
-    """fp32 shadow copies of the trainable parameters, updated from the live parameters by `maybe_update`.
+    """fp32 shadow copies of the trainable parameters, updated from the live parameters by `maybe_update`
+    (after every optimizer step, by the loop callback `library.training.callbacks.EmaUpdate`).
 
     It holds references to the live parameters (DDP and `accelerator.prepare` keep the same Parameter
     objects, so build it before or after `prepare`, either works). Pass it to `script_flow.run_training(...,
     register_for_checkpointing=(ema,))` so `--save_state`/`--resume` save and restore it: its state dict holds
-    only tensors, ints and strings, written as safetensors + JSON by `library.train_state_io` (never pickled).
+    only tensors, ints and strings, written as safetensors + JSON by `library.training.train_state_io` (never pickled).
     Names are stored without `module.`/`_orig_mod.` prefixes, so a state saved from a wrapped model loads
     into an unwrapped one and vice versa.
     """
@@ -346,70 +344,3 @@ class ExponentialMovingAverage:
                 backup.clear()
         finally:
             self._swapped = False
-
-
-# --------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------
-
-
-def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
-    """EMA flags (kohya has none; names follow diffusers' --use_ema and StableCascade's beta)."""
-    group = parser.add_argument_group("ema")
-    group.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights "
-                       "and save it (samples use it too)")
-    group.add_argument("--ema_decay", type=float, default=None,
-                       help=f"EMA decay per optimizer step (default {DEFAULT_DECAY})")
-    group.add_argument("--ema_beta", type=float, default=None, help="another name for --ema_decay")
-    group.add_argument("--ema_update_every", type=positive_int, default=1,
-                       help="update the EMA every N optimizer steps (with decay**N, same time constant)")
-    group.add_argument("--ema_start_step", type=non_negative_int, default=0,
-                       help="copy the weights into the EMA until this optimizer step, average after it")
-    group.add_argument("--ema_warmup", dest="ema_warmup", action="store_true", default=True,
-                       help="decay = min(ema_decay, (1+t)/(10+t)) with t steps since the start (default on)")
-    group.add_argument("--no_ema_warmup", dest="ema_warmup", action="store_false",
-                       help="use the full decay from the first update")
-    group.add_argument("--ema_device", type=str, choices=EMA_DEVICES, default="cpu",
-                       help="cpu: fp32 EMA in CPU memory (saves ~10 GB of VRAM for SDXL); same: next to the weights")
-    group.add_argument("--save_raw_too", action="store_true",
-                       help="with --use_ema, also save the raw (non-EMA) weights next to the EMA ones")
-    add_validator(parser, _check_ema_args)
-
-
-def ema_settings_from_args(args: argparse.Namespace) -> EMASettings | None:
-    """EMASettings from the parsed flags, or None without --use_ema (so a trainer writes `if settings:`)."""
-    if not getattr(args, "use_ema", False):
-        return None
-    return EMASettings(
-        decay=getattr(args, "ema_decay", None),
-        beta=getattr(args, "ema_beta", None),
-        update_every=getattr(args, "ema_update_every", 1),
-        start_step=getattr(args, "ema_start_step", 0),
-        warmup=getattr(args, "ema_warmup", True),
-        device=getattr(args, "ema_device", "cpu"),
-    )
-
-
-# flag -> (namespace attribute, value meaning "not set")
-_EMA_ONLY_FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--ema_decay", "ema_decay", None),
-    ("--ema_beta", "ema_beta", None),
-    ("--ema_update_every", "ema_update_every", 1),
-    ("--ema_start_step", "ema_start_step", 0),
-    ("--no_ema_warmup", "ema_warmup", True),
-    ("--ema_device", "ema_device", "cpu"),
-    ("--save_raw_too", "save_raw_too", False),
-)
-
-
-def _check_ema_args(args: argparse.Namespace) -> str | None:
-    if not getattr(args, "use_ema", False):
-        for flag, dest, unset in _EMA_ONLY_FLAGS:
-            if getattr(args, dest, unset) != unset:
-                return f"{flag} requires --use_ema"
-        return None
-    try:
-        ema_settings_from_args(args)
-    except ValueError as e:
-        return f"EMA flags: {e}"
-    return None

@@ -7,7 +7,7 @@ whose update of one parameter reads nothing but that parameter's gradient and st
 Prodigy/D-Adaptation estimate a step size from statistics over *all* parameters and schedule-free
 optimizers keep their schedule in the param groups, so they are refused.
 
-Design: `FusedBackwardOptimizer(optimizer)` wraps the optimizer `library.optim.build_optimizer` made (same
+Design: `FusedBackwardOptimizer(optimizer)` wraps the optimizer `library.training.optim.build_optimizer` made (same
 class, arguments and param groups) and, per trainable parameter, builds a one-parameter optimizer of the
 same class plus a `register_post_accumulate_grad_hook` that clips that tensor's gradient (optional), steps
 it and sets `.grad = None`. The wrapped optimizer stays the single source of truth:
@@ -21,12 +21,12 @@ it and sets `.grad = None`. The wrapped optimizer stays the single source of tru
 * `step()` and `zero_grad()` do nothing the hooks have not done (step runs a closure if given, zero_grad
   clears any gradient left, normally none), so the training loop keeps its usual calls.
 * `.optimizer` is the wrapped optimizer, as on accelerate's AcceleratedOptimizer, so
-  `library.optim.build_scheduler` still recognises relative-step Adafactor (-> AdafactorSchedule).
+  `library.training.optim.build_scheduler` still recognises relative-step Adafactor (-> AdafactorSchedule).
 
 How the loop uses it::
 
     optimizer, scheduler, description = build_fused_optimizer_and_scheduler(
-        settings, param_groups, max_train_steps, max_grad_norm=args.max_grad_norm)
+        settings, param_groups, max_train_steps, max_grad_norm=max_grad_norm)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)   # preparing is fine
     ...
     accelerator.backward(loss)      # the hooks clip, step and free every gradient here
@@ -50,16 +50,13 @@ Limits (each one an error, not a silent change):
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from library.cli.config import add_validator
 from library.training.optim import (
     OptimizerSettings,
     build_optimizer,
@@ -70,7 +67,7 @@ from library.training.optim import (
 
 # torch.optim classes whose update of one tensor reads only that tensor's gradient and state.
 _TORCH_PER_PARAMETER = ("Adam", "AdamW", "SGD", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad")
-# --optimizer_type names (library.optim's table) that build one of the classes above.
+# --optimizer_type names (library.training.optim's table) that build one of the classes above.
 _TABLE_PER_PARAMETER = ("AdamW", "SGDNesterov", "Adafactor")
 _GLOBAL_STATISTICS_PREFIXES = ("prodigy", "dadapt")
 
@@ -89,7 +86,7 @@ def supported_optimizer_names() -> list[str]:
 def fused_backward_supported(optimizer_type: str | None) -> bool:
     """Whether `--optimizer_type optimizer_type` updates each parameter independently (empty = AdamW).
 
-    Accepts library.optim's table names, bare torch.optim class names and dotted paths
+    Accepts library.training.optim's table names, bare torch.optim class names and dotted paths
     (`torch.optim.AdamW`, `transformers.optimization.Adafactor`), in any case.
     """
     name = (optimizer_type or "AdamW").strip().lower()
@@ -260,16 +257,16 @@ def _constructor_kwargs(cls: type, defaults: dict[str, Any]) -> dict[str, Any]:
 def _check_single_process() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
-        raise ValueError(_MULTI_PROCESS_MESSAGE)
+        raise ValueError(MULTI_PROCESS_MESSAGE)
 
 
-_MULTI_PROCESS_MESSAGE = ("--fused_backward_pass works in a single process only: DDP averages the gradients "
+MULTI_PROCESS_MESSAGE = ("--fused_backward_pass works in a single process only: DDP averages the gradients "
                           "after the per-parameter hooks have already stepped, so every rank would train on its "
                           "own gradient")
 
 
 # --------------------------------------------------------------------------------------------------------
-# Building it the way library.optim builds the plain pair
+# Building it the way library.training.optim builds the plain pair
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -297,46 +294,3 @@ def build_fused_optimizer_and_scheduler(settings: OptimizerSettings, params: Ite
         decay_steps=scheduler_steps(decay, 1), scheduler_type=settings.lr_scheduler_type,
         scheduler_args=settings.lr_scheduler_args)
     return fused, scheduler, description + " [fused backward]"
-
-
-# --------------------------------------------------------------------------------------------------------
-# Flags
-# --------------------------------------------------------------------------------------------------------
-
-
-def add_fused_backward_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--fused_backward_pass` (kohya's name) and the rules that make it safe."""
-    group = parser.add_argument_group("fused backward")
-    group.add_argument(
-        "--fused_backward_pass", action="store_true",
-        help="step each parameter during backward and free its gradient at once, so the gradients of the "
-             "whole model never exist together (saves the memory of a full set of gradients). Optimizers: "
-             f"{', '.join(supported_optimizer_names())}. Needs --gradient_accumulation_steps 1, one process, "
-             "no DeepSpeed and no fp16 mixed precision (bf16 is fine). --max_grad_norm then clips each "
-             "tensor's gradient separately, not the global norm (that would need every gradient at once)")
-    add_validator(parser, fused_backward_flag_error)
-
-
-_LEGACY_OPTIMIZER_FLAGS = (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion"))
-
-
-def fused_backward_flag_error(args: argparse.Namespace) -> str | None:
-    """The first flag that conflicts with --fused_backward_pass, or None."""
-    if not getattr(args, "fused_backward_pass", False):
-        return None
-    accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
-    if accumulation != 1:
-        return (f"--fused_backward_pass steps every parameter in each backward, so it cannot accumulate "
-                f"gradients: set --gradient_accumulation_steps 1 (got {accumulation})")
-    if getattr(args, "deepspeed", False):
-        return "--fused_backward_pass cannot be used with --deepspeed (DeepSpeed owns the gradients and the step)"
-    if getattr(args, "mixed_precision", "no") == "fp16":
-        return ("--fused_backward_pass cannot be used with --mixed_precision fp16: the loss scaler must see every "
-                "gradient before any parameter steps. Use --mixed_precision bf16 or no")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return _MULTI_PROCESS_MESSAGE
-    optimizer_type = getattr(args, "optimizer_type", None)
-    for flag, name in _LEGACY_OPTIMIZER_FLAGS:
-        if getattr(args, flag, False):
-            optimizer_type = name
-    return unsupported_optimizer_message(optimizer_type)

@@ -1,12 +1,12 @@
 """The one training loop that train_network.py, train_sdxl.py and train_controlnet.py share.
 
 A script builds a `Trainee` (what is trained and how it predicts) and a `TrainingRun` (data, optimizer,
-schedule, options), then calls `train`. One optimizer step, top to bottom:
+schedule, options, callbacks), then calls `train`. One optimizer step, top to bottom:
 
-    batch -> latents (cached, or VAE-encoded)        -> noise, timesteps, noisy latents  (library.noise)
+    batch -> latents (cached, or VAE-encoded)        -> noise, timesteps, noisy latents  (training.noise)
           -> text conditioning (cached, or encoded)  -> trainee.predict(...)             (UNet [+ LoRA/ControlNet])
           -> loss (weighted, masked)                 -> backward, clip, optimizer + scheduler step
-          -> log, sample images, save               (library.sampling, library.checkpoints)
+          -> callbacks: EMA, log, validate, sample   -> save                             (training.callbacks)
 
 Every random draw of a step comes from generators seeded with (seed, step, rank, micro-step), and the data
 order from (seed, epoch); so a run interrupted with --save_state and continued with --resume ends with the
@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -29,8 +28,9 @@ from tqdm.auto import tqdm
 from library.training import noise as noise_lib
 from library.training.optim import is_schedule_free
 from library.training.checkpoints import SaveSettings, TrainState, outdated_epoch_names, outdated_step_names, remove_paths
-from library.training.train_state_io import state_before_divergence
 from library.training.output_checks import raise_save_failure, save_failure, save_failures
+from library.data.datasets import Batch
+from library.models.families import ModelFamily
 from library.models.text_encoding import EncodedPrompts, PromptEncoder
 
 
@@ -50,16 +50,45 @@ class Trainee(Protocol):
 
     def set_train(self, training: bool) -> None: ...
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: EncodedPrompts,
-                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: dict[str, Any]) -> torch.Tensor: ...
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                added_cond_kwargs: dict[str, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        """The UNet's output; the loop has cast every tensor argument to the weight dtype."""
 
     def save(self, path: Path, step: int, epoch: int) -> None: ...
 
-    def after_step(self, global_step: int) -> None:
-        """Called after every optimizer step (EMA updates)."""
-
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         """The weights to sample, validate and save with (EMA weights when EMA is on)."""
+
+
+class Callback:
+    """A hook into the loop, given to `TrainingRun` at construction; override the points you need.
+
+    Every hook gets the run (accelerator, trainee, optimizer: ``run.prepared``) and where training stands. In
+    each hook the callbacks are called in the order given. Sampling, validation, EMA, the NaN guard and the
+    benchmark clock are callbacks (library.training.callbacks); tests hook in the same way.
+    """
+
+    def on_train_start(self, run: "TrainingRun", state: TrainState) -> None:
+        """Before the first step of this process (step 0, or the resume point)."""
+
+    def after_optimizer_step(self, run: "TrainingRun", state: TrainState) -> dict[str, float]:
+        """The weights have just stepped: change them (EMA, max-norm) and return scalars to log with the step."""
+        return {}
+
+    def on_step_end(self, run: "TrainingRun", state: TrainState, logs: dict[str, float]) -> None:
+        """After the step's ``logs`` are written, before the step's save: validate, sample."""
+
+    def on_epoch_end(self, run: "TrainingRun", state: TrainState) -> None:
+        """After the last step of an epoch, before the epoch's save."""
+
+    def on_save(self, run: "TrainingRun", state: TrainState, model_path: Path, state_folder: Path | None) -> None:
+        """After a regular save (step, epoch or final): the model file and the --save_state folder, if any."""
+
+    def on_nonfinite_loss(self, run: "TrainingRun", state: TrainState) -> None:
+        """The loss is NaN/inf on some rank before ``state``'s step: save what helps and raise TrainingStopped."""
+
+    def on_train_end(self, run: "TrainingRun", state: TrainState) -> None:
+        """After the final save."""
 
 
 @dataclass
@@ -95,11 +124,11 @@ class TrainingPlan:
         return "\n".join(lines)
 
 
-def make_plan(num_images: int, num_reg_images: int, samples_per_epoch: int, batch_size: int,
+def make_plan(*, num_images: int, num_reg_images: int, samples_per_epoch: int, batch_size: int,
               batches_per_epoch_per_process: int, gradient_accumulation_steps: int, num_processes: int,
               max_train_steps: int | None, max_train_epochs: int | None, short_batches: int = 0,
               repeated_batches: int = 0) -> TrainingPlan:
-    """--max_train_epochs wins over --max_train_steps, as in kohya."""
+    """Optimizer steps per epoch and in total; --max_train_epochs wins over --max_train_steps, as in kohya."""
     steps_per_epoch = max(1, math.ceil(batches_per_epoch_per_process / gradient_accumulation_steps))
     if max_train_epochs:
         total = steps_per_epoch * max_train_epochs
@@ -108,27 +137,24 @@ def make_plan(num_images: int, num_reg_images: int, samples_per_epoch: int, batc
     else:
         raise ValueError("set --max_train_steps or --max_train_epochs")
     epochs = math.ceil(total / steps_per_epoch)
-    return TrainingPlan(num_images, num_reg_images, samples_per_epoch, batch_size, gradient_accumulation_steps,
-                        num_processes, batches_per_epoch_per_process, steps_per_epoch, total, epochs,
-                        short_batches, repeated_batches)
+    return TrainingPlan(num_images=num_images, num_reg_images=num_reg_images, samples_per_epoch=samples_per_epoch,
+                        batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+                        num_processes=num_processes, batches_per_epoch_per_process=batches_per_epoch_per_process,
+                        steps_per_epoch=steps_per_epoch, max_train_steps=total, num_epochs=epochs,
+                        short_batches=short_batches, repeated_batches=repeated_batches)
 
 
-def sdxl_time_ids(batch: dict[str, Any]) -> torch.Tensor:
-    """(B, 6) SDXL micro-conditioning in diffusers' order: original (h, w), crop (top, left), target (h, w)."""
-    return torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1)
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainingRun:
-    """Everything the loop needs besides the trainee; built by the script."""
+    """Everything one run of the loop needs, built once by the script flow (library.cli.script_flow)."""
 
     accelerator: Any
     trainee: Trainee
     vae: nn.Module
     latent_scaling_factor: float
     prompt_encoder: PromptEncoder
-    is_sdxl: bool
-    dataloader: Any  # yields collated batches (library.datasets.collate_samples)
+    family: ModelFamily  # what the UNet is conditioned on besides the text; the VAE's overflow hint
+    dataloader: Any  # yields library.data.datasets.Batch (collate_samples)
     batch_sampler: Any  # KeyedBatchSampler: set_epoch / state_dict / load_state_dict
     prepared: Any  # accelerate_utils.PreparedTraining: optimizer, scheduler, backward/clip/autocast
     plan: TrainingPlan
@@ -142,46 +168,39 @@ class TrainingRun:
     prior_loss_weight: float = 1.0
     vae_dtype: torch.dtype = torch.float32
     weight_dtype: torch.dtype = torch.float32
-    sample: Callable[[int, int | None], None] | None = None  # sample(step, epoch) at the configured points
-    should_sample: Callable[[int, int, bool], bool] | None = None  # (step, epoch, is_epoch_end) -> bool
-    sample_at_first: bool = False
-    validate: Callable[[], float] | None = None  # mean validation loss (library.validation)
-    should_validate: Callable[[int, int, bool], bool] | None = None  # (step, epoch, is_epoch_end) -> bool
     start: TrainState | None = None  # resume point
-    log_every: int = 1
-    extra_logs: Callable[[], dict[str, float]] | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    state_io: Any = None  # library.train_state_io.TrainingStateIO: writes the --save_state folders
-    resumed_from: Path | None = None  # the --resume folder
-    saved_states: list[tuple[int, Path]] = field(default_factory=list)  # (step, folder) of this run's states
+    state_io: Any = None  # library.training.train_state_io.TrainingStateIO: writes the --save_state folders
+    callbacks: Sequence[Callback] = ()  # called in this order at each hook (see Callback)
 
 
-def _latents(run: TrainingRun, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    if batch.get("latents") is not None:
-        return batch["latents"].to(device, dtype=torch.float32) * run.latent_scaling_factor
-    pixels = batch["pixel_values"].to(device, dtype=run.vae_dtype)
+def _latents(run: TrainingRun, batch: Batch, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    if batch.latents is not None:
+        return batch.latents.to(device, dtype=torch.float32) * run.latent_scaling_factor
+    if batch.pixel_values is None:
+        raise ValueError("a batch needs pixel_values or latents")
+    pixels = batch.pixel_values.to(device, dtype=run.vae_dtype)
     with torch.no_grad():
         latents = run.vae.encode(pixels).latent_dist.sample(generator=generator)
     latents = latents.to(torch.float32) * run.latent_scaling_factor
     if not torch.isfinite(latents).all():
         raise TrainingStopped(
-            "the VAE produced NaN/inf latents for " + ", ".join(map(str, batch.get("image_paths", [])))
-            + (" (the SDXL VAE overflows in fp16: add --no_half_vae)" if run.is_sdxl else "")
+            "the VAE produced NaN/inf latents for " + ", ".join(map(str, batch.image_paths))
+            + (f" ({run.family.vae_overflow_hint})" if run.family.vae_overflow_hint else "")
         )
     return latents
 
 
-def _text(run: TrainingRun, batch: dict[str, Any], device: torch.device) -> EncodedPrompts:
-    if batch.get("text_hidden_states") is not None:
-        pooled = batch.get("text_pooled")
-        return EncodedPrompts(batch["text_hidden_states"].to(device, run.weight_dtype),
+def _text(run: TrainingRun, batch: Batch, device: torch.device) -> EncodedPrompts:
+    if batch.text_hidden_states is not None:
+        pooled = batch.text_pooled
+        return EncodedPrompts(batch.text_hidden_states.to(device, run.weight_dtype),
                               None if pooled is None else pooled.to(device, run.weight_dtype))
     with torch.set_grad_enabled(run.trainee.trains_text_encoder):
-        encoded = run.prompt_encoder.encode(batch["captions"])
+        encoded = run.prompt_encoder.encode(batch.captions)
     return EncodedPrompts(encoded.hidden_states.to(device), None if encoded.pooled is None else encoded.pooled.to(device))
 
 
-def _loss_for_batch(run: TrainingRun, batch: dict[str, Any], step: int, micro_step: int) -> torch.Tensor:
+def _loss_for_batch(run: TrainingRun, batch: Batch, step: int, micro_step: int) -> torch.Tensor:
     # Seeded by position (the micro-batch index of the whole run): a resumed run draws the same noise, and
     # the global RNG that dropout layers use is reseeded too, so nothing depends on what ran before.
     micro_index = step * run.plan.gradient_accumulation_steps + micro_step
@@ -190,7 +209,7 @@ def _loss_for_batch(run: TrainingRun, batch: dict[str, Any], step: int, micro_st
     return batch_loss(run, batch, generator)
 
 
-def batch_loss(run: TrainingRun, batch: dict[str, Any], generator: torch.Generator,
+def batch_loss(run: TrainingRun, batch: Batch, generator: torch.Generator,
                timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """The weighted loss of one batch; every random draw comes from ``generator`` (timesteps too, unless given)."""
     accelerator = run.accelerator
@@ -205,17 +224,23 @@ def batch_loss(run: TrainingRun, batch: dict[str, Any], generator: torch.Generat
     noisy = noise_lib.add_noise(latents, noise, timesteps, alphas_cumprod, run.noise_options, generator)
     target = noise_lib.training_target(latents, noise, timesteps, alphas_cumprod, run.prediction_type)
     text = _text(run, batch, device)
-    added = None
-    if run.is_sdxl:
-        added = {"text_embeds": text.pooled.to(device), "time_ids": sdxl_time_ids(batch).to(device, text.hidden_states.dtype)}
+    added = run.family.unet_added_conditions(text.pooled, original_sizes_hw=batch.original_sizes_hw,
+                                             crop_top_lefts=batch.crop_top_lefts, target_sizes_hw=batch.target_sizes_hw,
+                                             device=device, dtype=text.hidden_states.dtype)
+    dtype = run.weight_dtype  # every trainee gets its float inputs in the weight dtype, cast here only
     with run.prepared.autocast() if run.prepared.uses_deepspeed else accelerator.autocast():
-        prediction = run.trainee.predict(noisy.to(run.weight_dtype), timesteps, text, added, batch)
-    weights = torch.where(batch["is_reg"].to(device), run.prior_loss_weight, 1.0).to(torch.float32)
-    mask = batch.get("alpha_masks") if run.loss_options.masked_loss else None
+        prediction = run.trainee.predict(noisy.to(dtype), timesteps, text.hidden_states.to(dtype),
+                                         _cast(added, dtype), batch)
+    weights = torch.where(batch.is_reg.to(device), run.prior_loss_weight, 1.0).to(torch.float32)
+    mask = batch.alpha_masks if run.loss_options.masked_loss else None
     loss, _ = noise_lib.training_loss(prediction.float(), target.float(), timesteps, alphas_cumprod,
                                       run.prediction_type, run.loss_options, mask=None if mask is None else mask.to(device),
                                       sample_weights=weights)
     return loss
+
+
+def _cast(tensors: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    return None if tensors is None else {k: v.to(dtype) for k, v in tensors.items()}
 
 
 def _all_finite(accelerator: Any, loss: torch.Tensor) -> bool:
@@ -236,7 +261,7 @@ def _epochs(run: TrainingRun) -> Iterator[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def _evaluation(run: TrainingRun, trainee_weights: bool = True) -> Iterator[None]:
+def evaluation(run: TrainingRun, trainee_weights: bool = True) -> Iterator[None]:
     """Models in eval mode, and schedule-free optimizers on their averaged weights, for sampling and saving.
 
     ``trainee_weights`` also swaps in the trainee's evaluation weights (EMA); saving leaves that to the trainee,
@@ -256,9 +281,10 @@ def _evaluation(run: TrainingRun, trainee_weights: bool = True) -> Iterator[None
         run.trainee.set_train(True)
 
 
-def _save_model(run: TrainingRun, name: str, step: int, epoch: int) -> Path:
+def save_model(run: TrainingRun, name: str, step: int, epoch: int) -> Path:
+    """The trainee's weights as ``name`` in --output_dir (main process); a failed save stops every rank."""
     path = run.save.model_path(name)
-    with _evaluation(run, trainee_weights=False):
+    with evaluation(run, trainee_weights=False):
         failure = None
         if run.accelerator.is_main_process:
             try:
@@ -270,30 +296,31 @@ def _save_model(run: TrainingRun, name: str, step: int, epoch: int) -> Path:
     return path
 
 
-def _save_state(run: TrainingRun, name: str, state: TrainState, regular: bool = True) -> Path:
+def save_state(run: TrainingRun, name: str, state: TrainState) -> Path:
+    """A --save_state folder (weights, optimizer, scheduler, RNG, data position) to resume from."""
     path = run.save.state_path(name)
     try:
-        folder = run.state_io.save(path, state)
+        return run.state_io.save(path, state)
     except save_failures() as error:
         raise save_failure(path, error, run.save) from error
-    if regular:  # a candidate to resume from after a NaN/inf stop
-        run.saved_states.append((state.global_step, folder))
-    return folder
+
+
+def _where(run: TrainingRun, global_step: int, epoch: int, batches_done: int) -> TrainState:
+    return TrainState(global_step, epoch, batches_done, run.seed, run.accelerator.num_processes)
 
 
 def train(run: TrainingRun) -> TrainState:
     """Run the optimizer steps of ``run.plan`` and return where training ended."""
-    accelerator, plan = run.accelerator, run.plan
+    accelerator, plan, callbacks = run.accelerator, run.plan, run.callbacks
     global_step = run.start.global_step if run.start else 0
-    progress = tqdm(total=plan.max_train_steps, initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process, smoothing=0)
-    if run.sample is not None and run.sample_at_first and global_step == 0:
-        with _evaluation(run):
-            run.sample(0, 0)
-    loss_window: list[float] = []
-    run.trainee.set_train(True)
     epoch = run.start.epoch if run.start else 1
     batches_done = 0
+    progress = tqdm(total=plan.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process, smoothing=0)
+    for callback in callbacks:
+        callback.on_train_start(run, run.start or _where(run, 0, 1, 0))
+    loss_window: list[float] = []
+    run.trainee.set_train(True)
     for epoch, skip in _epochs(run):
         if global_step >= plan.max_train_steps:
             break
@@ -308,7 +335,7 @@ def train(run: TrainingRun) -> TrainState:
                 loss = _loss_for_batch(run, batch, global_step, micro_step)
                 if not _all_finite(accelerator, loss):
                     progress.close()  # the error line then starts a line of its own
-                    _stop_on_nan(run, global_step, epoch, batches_done)
+                    _stop(run, _where(run, global_step, epoch, batches_done))
                 run.prepared.backward(loss)
                 run.prepared.clip_grad_norm(run.max_grad_norm)
                 run.prepared.optimizer.step()
@@ -321,65 +348,44 @@ def train(run: TrainingRun) -> TrainState:
                 continue
             micro_step = 0
             global_step += 1
-            run.trainee.after_step(global_step)
+            state = _where(run, global_step, epoch, batches_done)
             logs = {"loss/current": loss_window[-1], "loss/average": sum(loss_window[-100:]) / len(loss_window[-100:]),
                     "lr": float(run.prepared.lr_scheduler.get_last_lr()[0])}
-            if run.extra_logs:
-                logs.update(run.extra_logs())
-            run.history.append({"step": global_step, **logs})
+            for callback in callbacks:
+                logs.update(callback.after_optimizer_step(run, state))
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss/average']:.4f}", lr=f"{logs['lr']:.2e}")
-            if global_step % run.log_every == 0:
-                accelerator.log(logs, step=global_step)
-            state = TrainState(global_step, epoch, batches_done, run.seed, accelerator.num_processes)
-            _after_step(run, state)
+            accelerator.log(logs, step=global_step)
+            for callback in callbacks:
+                callback.on_step_end(run, state, logs)
+            if run.save.due_at_step(global_step) and global_step < plan.max_train_steps:
+                _save(run, run.save.step_name(global_step), state, run.save.save_state)
+                _prune(run, outdated_step_names(run.save, global_step, run.save.last_n_steps),
+                       outdated_step_names(run.save, global_step, run.save.last_n_steps_state or run.save.last_n_steps))
             if global_step >= plan.max_train_steps:
                 break
         if global_step < plan.max_train_steps or batches_done >= plan.batches_per_epoch_per_process:
-            _after_epoch(run, TrainState(global_step, epoch, batches_done, run.seed, accelerator.num_processes))
+            state = _where(run, global_step, epoch, batches_done)
+            for callback in callbacks:
+                callback.on_epoch_end(run, state)
+            if run.save.due_at_epoch(epoch, plan.num_epochs):
+                _save(run, run.save.epoch_name(epoch), state, run.save.save_state)
+                _prune(run, outdated_epoch_names(run.save, epoch, run.save.last_n_epochs),
+                       outdated_epoch_names(run.save, epoch, run.save.last_n_epochs_state or run.save.last_n_epochs))
     progress.close()
-    final = TrainState(global_step, epoch, batches_done, run.seed, accelerator.num_processes)
-    _save_model(run, run.save.output_name, global_step, epoch)
-    if run.save.save_state or run.save.save_state_on_train_end:
-        _save_state(run, run.save.output_name, final)
+    final = _where(run, global_step, epoch, batches_done)
+    _save(run, run.save.output_name, final, run.save.save_state or run.save.save_state_on_train_end)
+    for callback in callbacks:
+        callback.on_train_end(run, final)
     return final
 
 
-def _validate(run: TrainingRun, step: int, epoch: int, is_epoch_end: bool) -> None:
-    if run.validate is None or run.should_validate is None or not run.should_validate(step, epoch, is_epoch_end):
-        return
-    with _evaluation(run), torch.no_grad():
-        loss = run.validate()
-    run.accelerator.log({"loss/validation": loss}, step=step)
-    run.history.append({"step": step, "loss/validation": loss})
-
-
-def _after_step(run: TrainingRun, state: TrainState) -> None:
-    step = state.global_step
-    _validate(run, step, state.epoch, False)
-    if run.sample is not None and run.should_sample is not None and run.should_sample(step, state.epoch, False):
-        with _evaluation(run):
-            run.sample(step, None)
-    if run.save.due_at_step(step) and step < run.plan.max_train_steps:
-        _save_model(run, run.save.step_name(step), step, state.epoch)
-        if run.save.save_state:
-            _save_state(run, run.save.step_name(step), state)
-        _prune(run, outdated_step_names(run.save, step, run.save.last_n_steps),
-               outdated_step_names(run.save, step, run.save.last_n_steps_state or run.save.last_n_steps))
-
-
-def _after_epoch(run: TrainingRun, state: TrainState) -> None:
-    epoch = state.epoch
-    _validate(run, state.global_step, epoch, True)
-    if run.sample is not None and run.should_sample is not None and run.should_sample(state.global_step, epoch, True):
-        with _evaluation(run):
-            run.sample(state.global_step, epoch)
-    if run.save.due_at_epoch(epoch, run.plan.num_epochs):
-        _save_model(run, run.save.epoch_name(epoch), state.global_step, epoch)
-        if run.save.save_state:
-            _save_state(run, run.save.epoch_name(epoch), state)
-        _prune(run, outdated_epoch_names(run.save, epoch, run.save.last_n_epochs),
-               outdated_epoch_names(run.save, epoch, run.save.last_n_epochs_state or run.save.last_n_epochs))
+def _save(run: TrainingRun, name: str, state: TrainState, with_state: bool) -> None:
+    """A regular save point: the model, the --save_state folder when asked, then the callbacks hear of it."""
+    model_path = save_model(run, name, state.global_step, state.epoch)
+    folder = save_state(run, name, state) if with_state else None
+    for callback in run.callbacks:
+        callback.on_save(run, state, model_path, folder)
 
 
 def _prune(run: TrainingRun, model_names: list[str], state_names: list[str]) -> None:
@@ -388,30 +394,9 @@ def _prune(run: TrainingRun, model_names: list[str], state_names: list[str]) -> 
     remove_paths([run.save.model_path(n) for n in model_names] + [run.save.state_path(n) for n in state_names])
 
 
-def _stop_on_nan(run: TrainingRun, step: int, epoch: int, batches_done: int) -> None:
-    """Stop, keep the weights at the stop for inspection, and name the newest state from before the divergence.
-
-    The weights at the stop are finite (the optimizer has not stepped on the bad loss) but usually already
-    diverged (at a huge learning rate they are ~1e10 in size), so resuming from them fails again: the state to
-    resume from is the newest one saved before the loss exploded.
-    """
-    name = f"{run.save.output_name}-nan-step{step:08d}"
-    path = _save_model(run, name, step, epoch)
-    _save_state(run, name, TrainState(step, epoch, batches_done, run.seed, run.accelerator.num_processes), regular=False)
-    candidates = list(run.saved_states)
-    if run.resumed_from is not None and run.start is not None:
-        candidates.append((run.start.global_step, run.resumed_from))
-    good = state_before_divergence(candidates, run.history, step)
-    if good is not None:
-        advice = f"resume from {good}, the newest state saved before the loss diverged, with a lower --learning_rate"
-    else:
-        advice = ("no state was saved before the loss diverged: add --save_state --save_every_n_steps N to keep "
-                  "states to resume from, and start again with a lower --learning_rate")
-    raise TrainingStopped(
-        f"the loss became NaN/inf at step {step + 1} (epoch {epoch}); the weights at the stop ({path}) have diverged; "
-        f"{advice}. Also consider --mixed_precision bf16 instead of fp16, or --no_half_vae for SDXL."
-    )
-
-
-def wall_clock() -> float:
-    return time.perf_counter()
+def _stop(run: TrainingRun, state: TrainState) -> None:
+    """A NaN/inf loss: the callbacks (the NaN guard) save what helps and raise; else stop with a plain message."""
+    for callback in run.callbacks:
+        callback.on_nonfinite_loss(run, state)
+    raise TrainingStopped(f"the loss became NaN/inf at step {state.global_step + 1} (epoch {state.epoch}); "
+                          "start again with a lower --learning_rate")

@@ -2,7 +2,7 @@
 
 The training loop uses this module in four calls::
 
-    settings = optimizer_settings_from_args(args)                 # flags -> a small frozen dataclass
+    settings = OptimizerSettings(...)       # from the flags by library.cli.optim_args.optimizer_settings_from_args
     optimizer, scheduler, description = build_optimizer_and_scheduler(
         settings, param_groups, max_train_steps, accelerator.num_processes)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
@@ -21,7 +21,7 @@ Things the loop author must know:
 * **Adafactor** with `relative_step=True` (its default here, as in kohya) computes its own step size and
   warm-up. The LR you give is only reported (it is stored in the param groups for logging and ignored by the
   update), per-group LRs are dropped, and `build_scheduler` replaces whatever `--lr_scheduler` names with
-  transformers' `AdafactorSchedule` - kohya's rewrite to `adafactor:<lr>`, done here without mutating args.
+  transformers' `AdafactorSchedule` - kohya's rewrite to `adafactor:<lr>`, done here without mutating the flags.
   A non-zero warm-up is an error there: ask Adafactor for one with `warmup_init=True`.
 * **Schedule-free** optimizers (`*ScheduleFree`) keep two weight sequences; they must be in `train()` mode
   for steps and `eval()` mode to sample or save. `build_optimizer` leaves them in train mode;
@@ -35,7 +35,6 @@ when named, and a missing one fails with the pip command.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import difflib
 import importlib
@@ -51,72 +50,9 @@ from typing import Any
 
 import torch
 
-from library.cli.config import add_validator
+from library.training.optimizer_names import OPTIMIZERS, PIP_NAMES, OptimizerSpec
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The optimizer name table
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """Where a named optimizer lives and the kwargs kohya adds to it.
-
-    `defaults` are set only when the user did not give them (SGD-Nesterov's momentum); `forced` always win
-    (nesterov=True is what makes it SGD*Nesterov*).
-    """
-
-    name: str
-    module: str
-    attr: str
-    pip: str | None  # None: a hard dependency (torch, transformers)
-    defaults: tuple[tuple[str, Any], ...] = ()
-    forced: tuple[tuple[str, Any], ...] = ()
-
-
-def _spec(name: str, module: str, attr: str | None = None, pip: str | None = None,
-          **extra: Any) -> tuple[str, OptimizerSpec]:
-    return name.lower(), OptimizerSpec(name, module, attr or name, pip, **extra)
-
-
-_BNB = "bitsandbytes.optim"
-_NESTEROV = {"defaults": (("momentum", 0.9),), "forced": (("nesterov", True),)}
-
-OPTIMIZERS: Mapping[str, OptimizerSpec] = MappingProxyType(dict([
-    _spec("AdamW", "torch.optim"),
-    _spec("SGDNesterov", "torch.optim", "SGD", **_NESTEROV),
-    _spec("AdamW8bit", _BNB, pip="bitsandbytes"),
-    _spec("PagedAdamW8bit", _BNB, pip="bitsandbytes"),
-    _spec("PagedAdamW", _BNB, pip="bitsandbytes"),
-    _spec("PagedAdamW32bit", _BNB, pip="bitsandbytes"),
-    _spec("Lion8bit", _BNB, pip="bitsandbytes"),
-    _spec("PagedLion8bit", _BNB, pip="bitsandbytes"),
-    _spec("SGDNesterov8bit", _BNB, "SGD8bit", pip="bitsandbytes", **_NESTEROV),
-    _spec("Lion", "lion_pytorch", pip="lion-pytorch"),
-    _spec("Adafactor", "transformers.optimization"),
-    _spec("Prodigy", "prodigyopt", pip="prodigyopt"),
-    _spec("DAdaptation", "dadaptation.experimental", "DAdaptAdamPreprint", pip="dadaptation"),
-    _spec("DAdaptAdamPreprint", "dadaptation.experimental", pip="dadaptation"),
-    _spec("DAdaptAdaGrad", "dadaptation", pip="dadaptation"),
-    _spec("DAdaptAdam", "dadaptation", pip="dadaptation"),
-    _spec("DAdaptAdan", "dadaptation", pip="dadaptation"),
-    _spec("DAdaptAdanIP", "dadaptation.experimental", pip="dadaptation"),
-    _spec("DAdaptLion", "dadaptation", pip="dadaptation"),
-    _spec("DAdaptSGD", "dadaptation", pip="dadaptation"),
-    _spec("AdamWScheduleFree", "schedulefree", pip="schedulefree"),
-    _spec("RAdamScheduleFree", "schedulefree", pip="schedulefree"),
-    _spec("SGDScheduleFree", "schedulefree", pip="schedulefree"),
-]))
-
-# Import name -> pip name, for dotted class paths whose package spells differently on PyPI.
-_PIP_NAMES: Mapping[str, str] = MappingProxyType({
-    "lion_pytorch": "lion-pytorch",
-    "pytorch_optimizer": "pytorch-optimizer",
-    "bitsandbytes": "bitsandbytes",
-})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -264,7 +200,7 @@ def _import_for(module_name: str, what: str, pip: str | None) -> Any:
     except ImportError as error:
         missing = getattr(error, "name", None) or ""
         top = module_name.split(".")[0]
-        package = pip or _PIP_NAMES.get(top, top)
+        package = pip or PIP_NAMES.get(top, top)
         if missing and (module_name == missing or module_name.startswith(missing + ".")):
             raise ImportError(f"{what} needs {package}: pip install {package}") from error
         raise ImportError(f"{what}: importing {module_name} failed: {error}") from error
@@ -356,14 +292,14 @@ def parse_step_count(value: str | int | float, total_steps: int, what: str) -> i
     must be whole (100.0 = 100 steps). Errors name `what` (the flag) and reject negatives and counts past
     `total_steps`.
     """
-    spec = _parse_step_spec(value, what)
+    spec = parse_step_spec(value, what)
     steps = spec if isinstance(spec, int) else math.ceil(spec * total_steps)
     if steps > total_steps:
         raise ValueError(f"{what} {value} is {steps} steps, more than the {total_steps} training steps")
     return steps
 
 
-def _parse_step_spec(value: str | int | float, what: str) -> int | Fraction:
+def parse_step_spec(value: str | int | float, what: str) -> int | Fraction:
     """Syntax half of parse_step_count: an int of steps, or an exact Fraction of the total.
 
     Ratios are read exactly from their decimal text: in floats 0.07 * 100 is 7.000000000000001, which
@@ -427,7 +363,7 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, num_training_st
     A flag a schedule would silently ignore (warm-up on constant, decay steps outside
     warmup_stable_decay) is an error.
     """
-    args = dict(scheduler_args or {})
+    extra = dict(scheduler_args or {})
     warmup, decay = int(num_warmup_steps or 0), int(decay_steps or 0)
     lowered = (name or "constant").strip().lower()
     if is_schedule_free(optimizer):
@@ -439,7 +375,7 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, num_training_st
                          "(its default)")
     if scheduler_type:
         _reject_extra(f"--lr_scheduler_type {scheduler_type}", warmup=warmup, decay=decay)
-        return _custom_scheduler(scheduler_type, optimizer, args)
+        return _custom_scheduler(scheduler_type, optimizer, extra)
     if lowered not in SCHEDULER_NAMES:
         close = difflib.get_close_matches(lowered, SCHEDULER_NAMES, n=2, cutoff=0.6)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
@@ -454,7 +390,7 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, num_training_st
         raise ValueError(f"{warmup} warm-up steps exceed the {num_training_steps} training steps")
     kwargs = _named_schedule_kwargs(lowered, num_training_steps, warmup, num_cycles, power, timescale,
                                     min_lr_ratio, decay)
-    return _call_schedule(lowered, optimizer, kwargs, args)
+    return _call_schedule(lowered, optimizer, kwargs, extra)
 
 
 def effective_scheduler_name(name: str, optimizer: Any) -> str:
@@ -529,8 +465,8 @@ def _reject_extra(what: str, warmup: int = 0, decay: int = 0) -> None:
 
 
 def _custom_scheduler(scheduler_type: str, optimizer: torch.optim.Optimizer,
-                      args: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
-    """`module.Class` or a bare torch.optim.lr_scheduler name, built as Class(optimizer, **args)."""
+                      extra: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
+    """`module.Class` or a bare torch.optim.lr_scheduler name, built as Class(optimizer, **extra)."""
     if "." in scheduler_type:
         module_name, _, attr = scheduler_type.rpartition(".")
         module = _import_for(module_name, f"--lr_scheduler_type {scheduler_type}", None)
@@ -540,9 +476,9 @@ def _custom_scheduler(scheduler_type: str, optimizer: torch.optim.Optimizer,
     if not callable(cls):
         raise ValueError(f"--lr_scheduler_type {scheduler_type}: no such class in {module.__name__}")
     try:
-        return cls(optimizer, **args)
+        return cls(optimizer, **extra)
     except TypeError as error:
-        raise TypeError(f"--lr_scheduler_type {scheduler_type} rejected --lr_scheduler_args {args}: {error}") \
+        raise TypeError(f"--lr_scheduler_type {scheduler_type} rejected --lr_scheduler_args {extra}: {error}") \
             from error
 
 
@@ -589,74 +525,13 @@ def _adafactor_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: in
 
 
 # --------------------------------------------------------------------------------------------------------
-# Flags and settings
+# Settings
 # --------------------------------------------------------------------------------------------------------
-
-
-def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The optimizer/scheduler flags library/config.py does not define (kohya's names and defaults)."""
-    group = parser.add_argument_group("optimizer")
-    group.add_argument("--lr_scheduler_num_cycles", type=int, default=1,
-                       help="cosine_with_restarts: number of restarts; cosine_with_min_lr/warmup_stable_decay: "
-                            "half-cosines")
-    group.add_argument("--lr_scheduler_power", type=float, default=1.0, help="polynomial decay power")
-    group.add_argument("--lr_scheduler_timescale", type=int, default=None,
-                       help="inverse_sqrt timescale (default: the warm-up steps, or 10000)")
-    group.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
-                       help="cosine_with_min_lr / warmup_stable_decay: final LR as a ratio of the initial LR")
-    group.add_argument("--lr_decay_steps", type=str, default="0",
-                       help="warmup_stable_decay decay length: steps (100), a ratio (0.1) or a percentage (10%%)")
-    group.add_argument("--lr_scheduler_type", type=str, default=None,
-                       help="any scheduler class, module.Class or a torch.optim.lr_scheduler name; "
-                            "arguments from --lr_scheduler_args")
-    group.add_argument("--lr_scheduler_args", type=str, nargs="*", default=None,
-                       help="scheduler keyword arguments as key=value, e.g. step_rules=\"1:10,0.1\"")
-    group.add_argument("--use_8bit_adam", action="store_true",
-                       help="deprecated: same as --optimizer_type AdamW8bit")
-    group.add_argument("--use_lion_optimizer", action="store_true",
-                       help="deprecated: same as --optimizer_type Lion")
-    add_validator(parser, _check_optimizer_flags)
-
-
-def _check_optimizer_flags(args: argparse.Namespace) -> str | None:
-    """Syntax checks that can run before the step counts are known."""
-    try:
-        _legacy_optimizer_type(args, warn=False)
-        parse_optimizer_args(getattr(args, "optimizer_args", None))
-        parse_optimizer_args(getattr(args, "lr_scheduler_args", None), flag="--lr_scheduler_args")
-        _parse_step_spec(getattr(args, "lr_warmup_steps", "0") or "0", "--lr_warmup_steps")
-        _parse_step_spec(getattr(args, "lr_decay_steps", "0") or "0", "--lr_decay_steps")
-    except ValueError as error:
-        return str(error)
-    name = str(getattr(args, "lr_scheduler", None) or "constant").lower()
-    if not getattr(args, "lr_scheduler_type", None) and not name.startswith("adafactor") \
-            and name not in SCHEDULER_NAMES:
-        close = difflib.get_close_matches(name, SCHEDULER_NAMES, n=2, cutoff=0.6)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        return f"unknown --lr_scheduler '{name}'.{hint} Known: {', '.join(SCHEDULER_NAMES)}"
-    return None
-
-
-def _legacy_optimizer_type(args: argparse.Namespace, warn: bool = True) -> str:
-    """--use_8bit_adam / --use_lion_optimizer mapped to their --optimizer_type (default AdamW may be overridden)."""
-    optimizer_type = getattr(args, "optimizer_type", None) or "AdamW"
-    legacy = [(flag, target) for flag, target in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion"))
-              if getattr(args, flag, False)]
-    if not legacy:
-        return optimizer_type
-    if len(legacy) > 1:
-        raise ValueError("--use_8bit_adam and --use_lion_optimizer are exclusive: use --optimizer_type")
-    flag, target = legacy[0]
-    if optimizer_type.lower() not in ("adamw", target.lower()):
-        raise ValueError(f"--{flag} conflicts with --optimizer_type {optimizer_type}: use --optimizer_type alone")
-    if warn:
-        logger.warning("--%s is deprecated: use --optimizer_type %s", flag, target)
-    return target
 
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """What the loop needs from the optimizer/scheduler flags, parsed once (args are not mutated)."""
+    """What the loop needs from the optimizer/scheduler flags, parsed once (the flags are not mutated)."""
 
     optimizer_type: str
     learning_rate: float
@@ -670,25 +545,6 @@ class OptimizerSettings:
     lr_scheduler_min_lr_ratio: float | None = None
     lr_scheduler_type: str | None = None
     lr_scheduler_args: dict[str, Any] = field(default_factory=dict)
-
-
-def optimizer_settings_from_args(args: argparse.Namespace) -> OptimizerSettings:
-    """Read the optimizer/scheduler flags (config.py's and add_optimizer_arguments') into OptimizerSettings."""
-    return OptimizerSettings(
-        optimizer_type=_legacy_optimizer_type(args),
-        learning_rate=args.learning_rate,
-        optimizer_args=parse_optimizer_args(getattr(args, "optimizer_args", None)),
-        lr_scheduler=getattr(args, "lr_scheduler", None) or "constant",
-        lr_warmup_steps=getattr(args, "lr_warmup_steps", None) or "0",
-        lr_decay_steps=getattr(args, "lr_decay_steps", None) or "0",
-        lr_scheduler_num_cycles=getattr(args, "lr_scheduler_num_cycles", 1),
-        lr_scheduler_power=getattr(args, "lr_scheduler_power", 1.0),
-        lr_scheduler_timescale=getattr(args, "lr_scheduler_timescale", None),
-        lr_scheduler_min_lr_ratio=getattr(args, "lr_scheduler_min_lr_ratio", None),
-        lr_scheduler_type=getattr(args, "lr_scheduler_type", None) or None,
-        lr_scheduler_args=parse_optimizer_args(getattr(args, "lr_scheduler_args", None),
-                                               flag="--lr_scheduler_args"),
-    )
 
 
 def build_optimizer_and_scheduler(settings: OptimizerSettings, params: Iterable[Any], max_train_steps: int,

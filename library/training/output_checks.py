@@ -4,13 +4,12 @@
 is a plain file name, and the files this run will write are free (an existing one is replaced only with
 ``--overwrite``, or when ``--resume`` continues the same run in its own folder). `warn_if_disk_short` runs
 once the saved modules exist and the step count is known. A save that still fails (a full disk) becomes one
-`OutputError` line via `raise_save_failure`; the atomic writers in `library.safetensors_io` keep earlier
+`OutputError` line via `raise_save_failure`; the atomic writers in `library.io` keep earlier
 files intact and remove their temp files.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import re
@@ -22,8 +21,8 @@ from typing import Any
 
 import torch
 
-from library.training.checkpoints import SINGLE_FILE_FORMATS, STATE_SUFFIX, SaveSettings, TrainState, latest_state_folder
-from library.io import FOLDER_TEMP_SUFFIX
+from library.training.checkpoints import STATE_SUFFIX, SaveSettings, TrainState, latest_state_folder
+from library.io import save_temp_paths
 
 OVERWRITE_FLAG = "--overwrite"
 # AdamW keeps two fp32 moments per trained parameter
@@ -43,26 +42,41 @@ class PlannedOutput:
     epoch: int | None = None
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """What the start-up output checks need from the flags (library.cli.training_args fills it)."""
+
+    output_name: str | None
+    output_dir: str | None
+    save: SaveSettings | None = None  # the run's save names and frequencies; None without --output_dir
+    overwrite: bool = False
+    resume: str | None = None
+    max_train_steps: int | None = None
+    max_train_epochs: int | None = None
+    raw_ema_copy: bool = False  # --use_ema --save_raw_too: each save also writes '<name>-raw'
+    unet_decoder_copy: bool = False  # --train_unet_decoder: each save also writes '<name>-model.safetensors'
+
+
 # --------------------------------------------------------------------------------------------------
 # start-up checks
 
 
-def check_outputs(args: argparse.Namespace, resume_state: TrainState | None = None) -> None:
+def check_outputs(options: OutputOptions, resume_state: TrainState | None = None) -> None:
     """Every output check that needs no model: raise OutputError for the first problem found."""
-    check_output_name(args.output_name)
-    if not args.output_dir:
+    check_output_name(options.output_name)
+    if not options.output_dir or options.save is None:
         return  # the scripts require it with their own message
-    output_dir = Path(args.output_dir)
+    output_dir = Path(options.output_dir)
     check_output_dir(output_dir)
-    if getattr(args, "overwrite", False) or not output_dir.is_dir():
+    if options.overwrite or not output_dir.is_dir():
         return
-    save = SaveSettings.from_args(args, planned_extension(args))
-    if resume_state is not None and _same_run(args, save):
+    save = options.save
+    if resume_state is not None and _same_run(options.resume, save):
         return  # resuming a run in its own folder rewrites that run's files: what the user asked for
-    taken = [o.path for o in planned_outputs(args, save)
+    taken = [o.path for o in planned_outputs(options, save)
              if (o.path.exists() or o.path.is_symlink()) and _written(o, resume_state)]
     if taken:
-        raise OutputError(_taken_message(taken, bool(args.resume)))
+        raise OutputError(_taken_message(taken, bool(options.resume)))
 
 
 def check_output_name(name: str | None) -> None:
@@ -95,48 +109,37 @@ def check_output_dir(output_dir: Path) -> None:
                           "choose another --output_dir") from error
 
 
-def planned_extension(args: argparse.Namespace) -> str:
-    """The saved model's suffix ("" for a diffusers folder), as the scripts choose it: --save_model_as, else the
-    input's format (train_sdxl; train_network and train_controlnet default to safetensors)."""
-    from library.models.loading import is_single_file
-
-    fmt = args.save_model_as
-    if not fmt:
-        fmt = "safetensors" if is_single_file(str(args.pretrained_model_name_or_path or "")) else "diffusers"
-    return SINGLE_FILE_FORMATS.get(fmt, "")
-
-
-def planned_outputs(args: argparse.Namespace, save: SaveSettings) -> list[PlannedOutput]:
+def planned_outputs(options: OutputOptions, save: SaveSettings) -> list[PlannedOutput]:
     """The final save, and the step/epoch saves: computed where the flags fix their number, else every
     existing file of the run's step/epoch name pattern (the data is not read yet to count steps per epoch)."""
-    outputs = [PlannedOutput(p) for p in _paths_for(args, save, save.output_name, final=True)]
-    steps_known = bool(args.max_train_steps) and not args.max_train_epochs
+    outputs = [PlannedOutput(p) for p in _paths_for(options, save, save.output_name, final=True)]
+    steps_known = bool(options.max_train_steps) and not options.max_train_epochs
     if save.every_n_steps and steps_known:
-        for step in range(save.every_n_steps, args.max_train_steps, save.every_n_steps):
-            outputs += [PlannedOutput(p, step=step) for p in _paths_for(args, save, save.step_name(step))]
-    if save.every_n_epochs and args.max_train_epochs:
-        for epoch in range(save.every_n_epochs, args.max_train_epochs, save.every_n_epochs):
-            outputs += [PlannedOutput(p, epoch=epoch) for p in _paths_for(args, save, save.epoch_name(epoch))]
-    existing = _existing_numbered_outputs(args, save)
+        for step in range(save.every_n_steps, options.max_train_steps, save.every_n_steps):
+            outputs += [PlannedOutput(p, step=step) for p in _paths_for(options, save, save.step_name(step))]
+    if save.every_n_epochs and options.max_train_epochs:
+        for epoch in range(save.every_n_epochs, options.max_train_epochs, save.every_n_epochs):
+            outputs += [PlannedOutput(p, epoch=epoch) for p in _paths_for(options, save, save.epoch_name(epoch))]
+    existing = _existing_numbered_outputs(options, save)
     outputs += [o for o in existing if (o.step is not None and not steps_known and save.every_n_steps)
-                or (o.epoch is not None and not args.max_train_epochs and save.every_n_epochs)]
+                or (o.epoch is not None and not options.max_train_epochs and save.every_n_epochs)]
     return outputs
 
 
-def _paths_for(args: argparse.Namespace, save: SaveSettings, name: str, final: bool = False) -> list[Path]:
+def _paths_for(options: OutputOptions, save: SaveSettings, name: str, final: bool = False) -> list[Path]:
     """The model (plus its companions: EMA raw weights, ControlNet's trained UNet) and the state of one save."""
     model = save.model_path(name)
     paths = [model]
-    if getattr(args, "use_ema", False) and getattr(args, "save_raw_too", False):
+    if options.raw_ema_copy:
         paths.append(model.with_name(f"{model.stem}-raw{model.suffix}"))
-    if getattr(args, "train_unet_decoder", False):
+    if options.unet_decoder_copy:
         paths.append(model.with_name(f"{model.stem}-model.safetensors"))
     if save.save_state or (final and save.save_state_on_train_end):
         paths.append(save.state_path(name))
     return paths
 
 
-def _existing_numbered_outputs(args: argparse.Namespace, save: SaveSettings) -> list[PlannedOutput]:
+def _existing_numbered_outputs(options: OutputOptions, save: SaveSettings) -> list[PlannedOutput]:
     pattern = re.compile(re.escape(save.output_name) + r"-(?:step(\d{8})|(\d{6}))")
     found = []
     for path in save.output_dir.glob(f"{glob_escape(save.output_name)}-*"):
@@ -144,7 +147,7 @@ def _existing_numbered_outputs(args: argparse.Namespace, save: SaveSettings) -> 
         if match is None:
             continue
         base = path.name[:match.end()]
-        if path in _paths_for(args, save, base):
+        if path in _paths_for(options, save, base):
             step, epoch = match.groups()
             found.append(PlannedOutput(path, int(step) if step else None, int(epoch) if epoch else None))
     return found
@@ -165,10 +168,10 @@ def _written(output: PlannedOutput, resume_state: TrainState | None) -> bool:
     return True
 
 
-def _same_run(args: argparse.Namespace, save: SaveSettings) -> bool:
-    if args.resume == "auto":
+def _same_run(resume_flag: str | None, save: SaveSettings) -> bool:
+    if resume_flag == "auto":
         return True
-    resume = Path(args.resume)
+    resume = Path(resume_flag)
     return resume.resolve().parent == save.output_dir.resolve() and resume.name.startswith(save.output_name + "-") \
         and resume.name.endswith(STATE_SUFFIX)
 
@@ -279,7 +282,7 @@ def save_failure(path: Path, error: BaseException, save: SaveSettings) -> Output
 
 def remove_temp_siblings(path: Path) -> None:
     """A failed save leaves no temp files: `<name>.tmp-saving` folders and `.<name>.<pid>.tmp` files."""
-    for temp in (path.with_name(path.name + FOLDER_TEMP_SUFFIX), path.with_name(f".{path.name}.{os.getpid()}.tmp")):
+    for temp in save_temp_paths(path):
         if temp.is_dir():
             shutil.rmtree(temp, ignore_errors=True)
         elif temp.exists():

@@ -17,13 +17,11 @@ it was, so turning sampling on does not change the training run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import re
-import tomllib
 import zlib
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -32,6 +30,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from library import toml_values
+from library.io import atomic_write_file
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     from PIL import Image
@@ -219,8 +220,8 @@ def _resolve_image_path(value: str, base_dir: Path | None) -> str:
 
 def _load_toml(path: Path, default_size: int) -> list[SamplePrompt]:
     try:
-        data = tomllib.loads(_read_text(path))
-    except tomllib.TOMLDecodeError as error:
+        data = toml_values.loads(_read_text(path))
+    except toml_values.TomlDecodeError as error:
         raise SamplePromptError(f"sample prompt file {path} is not valid TOML: {error}") from error
     table = data.get("prompt")
     if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
@@ -433,22 +434,7 @@ def _prompt_embeddings(prompt_encoder: "PromptEncoder", prompt: SamplePrompt, de
 
 def _controlnet_pipeline(model: "StableDiffusionModel", controlnet: nn.Module) -> Any:
     """The ControlNet pipeline over the model's own modules (built directly: `from_pipe` would cast them)."""
-    if model.family.is_sdxl:
-        from diffusers import StableDiffusionXLControlNetPipeline
-
-        pipeline = StableDiffusionXLControlNetPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
-            tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet,
-            controlnet=controlnet, scheduler=model.scheduler, add_watermarker=False,
-        )
-    else:
-        from diffusers import StableDiffusionControlNetPipeline
-
-        pipeline = StableDiffusionControlNetPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-            controlnet=controlnet, scheduler=model.scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    pipeline = model.to_pipeline(controlnet=controlnet)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -478,9 +464,7 @@ def _save_png(image: "Image.Image", path: Path, parameters: str) -> Path:
 
     info = PngInfo()
     info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    atomic_write_file(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
     return path
 
 
@@ -519,33 +503,3 @@ def _global_rng_kept(device: torch.device) -> Iterator[None]:
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         yield
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """kohya's sampling flags (names and defaults), plus a check that a trigger has a prompt file."""
-    from library.cli.config import add_validator, positive_int
-
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--sample_prompts", type=str, default=None,
-                       help="prompt file (.txt, .toml or .json) for sample images during training")
-    group.add_argument("--sample_every_n_steps", type=positive_int, default=None,
-                       help="sample after every N optimizer steps")
-    group.add_argument("--sample_every_n_epochs", type=positive_int, default=None,
-                       help="sample after every N epochs (wins over --sample_every_n_steps)")
-    group.add_argument("--sample_at_first", action="store_true", help="sample once before training starts")
-    group.add_argument("--sample_sampler", type=str, choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER,
-                       help="sampler for the samples (a prompt's --ss overrides it)")
-    add_validator(parser, _check_sampling)
-
-
-def _check_sampling(args: argparse.Namespace) -> str | None:
-    """A trigger without a prompt file would silently sample nothing."""
-    triggers = [f"--{name}" for name in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")
-                if getattr(args, name, None)]
-    if triggers and not getattr(args, "sample_prompts", None):
-        return f"{', '.join(triggers)} needs --sample_prompts (a prompt file to sample)"
-    return None

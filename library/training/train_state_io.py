@@ -16,13 +16,11 @@ DeepSpeed loads it every pickle is run through torch's weights-only unpickler, w
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import shutil
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +31,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from library.training.checkpoints import STATE_SUFFIX, TRAIN_STATE_FILE, StateError, TrainState, latest_state_folder
-from library.io import FOLDER_TEMP_SUFFIX, atomic_save_safetensors, replace_path
+from library.training.checkpoints import STATE_SUFFIX, TRAIN_STATE_FILE, StateError, TrainState
+from library.io import (
+    FOLDER_TEMP_SUFFIX,
+    SafetensorsHeaderError,
+    atomic_save_safetensors,
+    folder_temp_path,
+    read_safetensors_header,
+    replace_path,
+)
+from library.training.run_settings import MODEL_FAMILY, SCHEDULE_SETTINGS, changed_settings
 
 FORMAT = "safetensors-json-1"
 DEEPSPEED_FORMAT = "deepspeed-1"
@@ -174,14 +180,12 @@ def check_safetensors_file(path: Path) -> None:
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) != 8:
-                raise StateError(f"{damaged} ({size} bytes); resume from another state folder")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size, 100_000_000):
-                raise StateError(f"{damaged} (header of {header_len} bytes in a {size}-byte file); resume from "
-                                 "another state folder")
-            header = json.loads(handle.read(header_len))
+            header_len, header = read_safetensors_header(handle, max_len=min(size, 100_000_000))
+    except SafetensorsHeaderError as error:
+        if error.header_len is None:
+            raise StateError(f"{damaged} ({size} bytes); resume from another state folder") from None
+        raise StateError(f"{damaged} (header of {error.header_len} bytes in a {size}-byte file); resume from "
+                         "another state folder") from None
     except FileNotFoundError:
         raise StateError(f"--resume {path.parent}: {path.name} is missing; resume from another state folder") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -308,101 +312,8 @@ def check_folder(folder: Path, record: StateRecord) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Run settings: recorded in the state, compared on --resume
+# Start-up: recover interrupted saves (library.training.resume decides whether and from where to resume)
 # --------------------------------------------------------------------------------------------------------
-
-# flag -> what it is; a state cannot continue with another value (unless --resume_ignore_changes)
-FIXED_SETTINGS: dict[str, str] = {
-    "pretrained_model_name_or_path": "the base model", "family": "the model family", "v2": "the model family",
-    "v_parameterization": "the prediction type", "vae": "the VAE",
-    "network_module": "the network type", "network_dim": "the network's shape", "network_alpha": "the network's scale",
-    "network_args": "the network's shape", "network_train_unet_only": "what trains",
-    "network_train_text_encoder_only": "what trains", "train_text_encoder": "what trains",
-    "controlnet_model_name_or_path": "the ControlNet", "train_unet_decoder": "what trains",
-    "optimizer_type": "the optimizer (its state)", "optimizer_args": "the optimizer (its state)",
-    "train_data_dir": "the dataset", "in_json": "the dataset", "dataset_config": "the dataset",
-    "reg_data_dir": "the dataset", "conditioning_data_dir": "the dataset", "validation_split": "the dataset split",
-    "train_batch_size": "the data position", "gradient_accumulation_steps": "the data position",
-    "seed": "the data order",
-}
-# flags that decide the learning-rate schedule: when one changes the scheduler is rebuilt to the resume step
-SCHEDULE_SETTINGS = ("learning_rate", "unet_lr", "text_encoder_lr", "learning_rate_te1", "learning_rate_te2",
-                     "block_lr", "lr_scheduler", "lr_warmup_steps", "lr_decay_steps", "lr_scheduler_num_cycles",
-                     "lr_scheduler_power", "lr_scheduler_timescale", "lr_scheduler_min_lr_ratio", "lr_scheduler_type",
-                     "lr_scheduler_args", "max_train_steps", "max_train_epochs")
-# not settings of the run, or where it is written
-MODEL_FAMILY = "model_family"
-_NOT_COMPARED = {MODEL_FAMILY, "resume", "resume_ignore_changes", "output_dir", "output_name", "config_file",
-                 "output_config",
-                 "logging_dir", "log_prefix", "log_tracker_name", "overwrite"}
-_PATH_SETTINGS = {"pretrained_model_name_or_path", "vae", "controlnet_model_name_or_path", "train_data_dir",
-                  "in_json", "dataset_config", "reg_data_dir", "conditioning_data_dir"}
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value)
-
-
-def run_settings(args: argparse.Namespace, family: str | None = None) -> dict[str, Any]:
-    """The flags as JSON values (paths absolute, so a resume from another working folder compares equal)."""
-    settings = {}
-    for key, value in sorted(vars(args).items()):
-        if key in _NOT_COMPARED:
-            continue
-        if key in _PATH_SETTINGS and isinstance(value, str) and value and Path(value).exists():
-            value = str(Path(value).resolve())
-        settings[key] = _plain(value)
-    if family is not None:
-        settings[MODEL_FAMILY] = family  # known once the model is loaded; checked then
-    return settings
-
-
-def _flag(key: str, value: Any) -> str:
-    if value is None or value is False:
-        return f"no --{key}"
-    if value is True:
-        return f"--{key}"
-    shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
-    return f"--{key} {shown}"
-
-
-def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose value differs (a key missing on one side counts only when the other has a value)."""
-    keys = sorted(set(saved) | set(current))
-    return [k for k in keys if k not in _NOT_COMPARED and saved.get(k) != current.get(k)
-            and (k in saved or current.get(k) not in (None, False))]
-
-
-def compare_settings(folder: Path, saved: dict[str, Any], current: dict[str, Any], ignore_changes: bool,
-                     printer: Any = print) -> list[str]:
-    """Print what changed since the state was saved; refuse what a state cannot follow. Returns the changed keys."""
-    changed = changed_settings(saved, current)
-    if "seed" in changed and current.get("seed") is None:
-        changed.remove("seed")  # no --seed: the state's seed is used
-    refused = [k for k in changed if k in FIXED_SETTINGS]
-    if refused and not ignore_changes:
-        reasons = "; ".join(f"{_flag(k, current.get(k))} but the state was saved with {_flag(k, saved.get(k))} "
-                            f"({FIXED_SETTINGS[k]} cannot change)" for k in refused)
-        raise StateError(f"--resume {folder}: {reasons}: use the state's values, or add --resume_ignore_changes to "
-                         "resume anyway")
-    for key in changed:
-        kept = key in FIXED_SETTINGS
-        printer(f"resume: {_flag(key, saved.get(key))} -> {_flag(key, current.get(key))} "
-                f"({'changed with --resume_ignore_changes' if kept else 'applied'})")
-    return changed
-
-
-# --------------------------------------------------------------------------------------------------------
-# Start-up: recover interrupted saves, --resume auto, every check before the model loads
-# --------------------------------------------------------------------------------------------------------
-
-
-def _is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _aside_target(path: Path) -> Path | None:
@@ -464,39 +375,6 @@ def _rename_quietly(source: Path, target: Path) -> None:
         os.replace(source, target)
     except FileNotFoundError:
         pass
-
-
-def prepare_resume(args: argparse.Namespace, printer: Any = print) -> TrainState | None:
-    """Everything about the state that can be checked before the model loads.
-
-    Recovers interrupted saves in --output_dir, resolves ``--resume auto``, checks the folder (pickles, sizes,
-    headers, JSON) and compares the run's settings with the state's (refusing what cannot change). The seed
-    used is the state's, and ``args.seed`` says so, so the saved metadata records what was used.
-    """
-    say = printer if _is_main_rank() else (lambda *_: None)
-    output_dir = Path(args.output_dir) if getattr(args, "output_dir", None) else None
-    if output_dir is not None:
-        done = recover_output_dir(output_dir)
-        if done:
-            say(f"recovered interrupted saves in {output_dir}: " + "; ".join(done))
-    if not getattr(args, "resume", None):
-        return None
-    if args.resume == "auto":
-        found = latest_state_folder(output_dir, args.output_name or "last") if output_dir else None
-        if found is None:
-            say(f"--resume auto: no complete state folder in {output_dir}; starting a new run")
-            args.resume = None
-            return None
-        args.resume = str(found)
-        say(f"--resume auto: continuing from {found}")
-    folder = Path(args.resume)
-    record = read_record(folder)
-    check_folder(folder, record)
-    if record.settings:
-        compare_settings(folder, record.settings, run_settings(args), getattr(args, "resume_ignore_changes", False),
-                         say)
-    args.seed = record.state.seed
-    return record.state
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -562,7 +440,7 @@ class TrainingStateIO:
     def save(self, folder: Path, state: TrainState) -> Path:
         """Written into ``<folder>.tmp-saving`` and swapped in: a kill never leaves no complete state."""
         accelerator, folder = self.accelerator, Path(folder)
-        tmp = folder.with_name(folder.name + FOLDER_TEMP_SUFFIX)
+        tmp = folder_temp_path(folder)
         if accelerator.is_main_process:
             _remove(tmp)
             tmp.mkdir(parents=True)

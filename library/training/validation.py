@@ -4,44 +4,32 @@ Training loss jumps with the random timestep and noise of each batch; a validati
 when those are fixed. Every evaluation therefore uses the same images, the same timesteps
 (`VALIDATION_TIMESTEPS`, each image at all of them) and noise seeded from (validation seed, batch,
 timestep), so a change in the number is a change in the model. The held-out images come from each
-dataset's ``validation_split`` (see `library.records.split_for_validation`).
+dataset's ``validation_split`` (see `library.data.dataset_index.split_for_validation`).
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from library.training import noise as noise_lib
-from library.data.buckets import BucketBatchSampler
 from library.data.dataset_config import DatasetConfigError
-from library.data.datasets import KeyedBatchSampler, TrainingDataset, build_bucket_sampler_inputs, collate_samples
+from library.data.datasets import TrainingDataset, build_bucket_sampler_inputs, make_batch_sampler, make_loader
 from library.data.records import DatasetIndex
-from library.training.loop import TrainingRun, batch_loss
+from library.training.checkpoints import TrainState
+from library.training.loop import Callback, TrainingRun, batch_loss, evaluation
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
 VALIDATION_EPOCH = 1  # one fixed epoch: the same crops, flips and captions at every evaluation
 
 
-def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("validation")
-    group.add_argument("--validate_every_n_steps", type=int, default=None,
-                       help="validation loss every N optimizer steps (needs a validation_split)")
-    group.add_argument("--validate_every_n_epochs", type=int, default=None,
-                       help="validation loss every N epochs (default: every epoch when a split is set)")
-    group.add_argument("--max_validation_steps", type=int, default=None, help="at most this many validation batches")
-
-
 def make_validation_loader(index: DatasetIndex, seed: int, accelerator: Any) -> DataLoader:
-    inputs = build_bucket_sampler_inputs(index)
-    buckets = BucketBatchSampler(inputs.bucket_keys, inputs.batch_size, seed, world_size=accelerator.num_processes,
-                                 rank=accelerator.process_index)
-    sampler = KeyedBatchSampler(buckets)
+    sampler = make_batch_sampler(build_bucket_sampler_inputs(index), seed, rank=accelerator.process_index,
+                                 world_size=accelerator.num_processes)
     sampler.set_epoch(VALIDATION_EPOCH)
-    return DataLoader(TrainingDataset(index, seed), batch_sampler=sampler, collate_fn=collate_samples)
+    return make_loader(TrainingDataset(index, seed), sampler)
 
 
 def validation_loss(run: TrainingRun, loader: DataLoader, seed: int, max_batches: int | None = None) -> float:
@@ -51,7 +39,7 @@ def validation_loss(run: TrainingRun, loader: DataLoader, seed: int, max_batches
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
-        size = len(batch["captions"])
+        size = len(batch)
         for timestep in VALIDATION_TIMESTEPS:
             generator = noise_lib.step_generator(seed, index * 1000 + timestep, run.accelerator.process_index, device=device)
             loss = batch_loss(run, batch, generator, timesteps=torch.full((size,), timestep, dtype=torch.long))
@@ -60,22 +48,39 @@ def validation_loss(run: TrainingRun, loader: DataLoader, seed: int, max_batches
     return float(total[0] / total[1].clamp(min=1))
 
 
-def attach_validation(run: TrainingRun, args: argparse.Namespace, index: DatasetIndex | None, seed: int) -> None:
-    """Validate at --validate_every_n_steps / --validate_every_n_epochs (every epoch by default)."""
+class PeriodicValidation(Callback):
+    """The validation loss, with the evaluation weights, logged as ``loss/validation`` every ``every_n_steps``
+    optimizer steps and every ``every_n_epochs`` epochs (every epoch when neither is set)."""
+
+    def __init__(self, loader: DataLoader, *, seed: int, every_n_steps: int | None, every_n_epochs: int | None,
+                 max_batches: int | None) -> None:
+        self.loader = loader
+        self.seed = seed
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs if every_n_steps or every_n_epochs else 1
+        self.max_batches = max_batches
+
+    def on_step_end(self, run: TrainingRun, state: TrainState, logs: dict[str, float]) -> None:
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self._validate(run, state.global_step)
+
+    def on_epoch_end(self, run: TrainingRun, state: TrainState) -> None:
+        if self.every_n_epochs and state.epoch % self.every_n_epochs == 0:
+            self._validate(run, state.global_step)
+
+    def _validate(self, run: TrainingRun, step: int) -> None:
+        with evaluation(run), torch.no_grad():
+            loss = validation_loss(run, self.loader, self.seed, self.max_batches)
+        run.accelerator.log({"loss/validation": loss}, step=step)
+
+
+def validation_callback(index: DatasetIndex | None, *, seed: int, accelerator: Any, every_n_steps: int | None,
+                        every_n_epochs: int | None, max_batches: int | None) -> PeriodicValidation | None:
+    """None without held-out images (asking for validation steps without them is an error)."""
     if index is None or not index.records:
-        if args.validate_every_n_steps or args.validate_every_n_epochs:
+        if every_n_steps or every_n_epochs:
             raise DatasetConfigError("--validate_every_n_steps/--validate_every_n_epochs need --validation_split > 0 "
                              "(or validation_split in the dataset config)")
-        return
-    loader = make_validation_loader(index, seed, run.accelerator)
-    every_steps, every_epochs = args.validate_every_n_steps, args.validate_every_n_epochs
-    if not every_steps and not every_epochs:
-        every_epochs = 1
-
-    def due(step: int, epoch: int, is_epoch_end: bool) -> bool:
-        if is_epoch_end:
-            return bool(every_epochs) and epoch % every_epochs == 0
-        return bool(every_steps) and step % every_steps == 0
-
-    run.validate = lambda: validation_loss(run, loader, seed, args.max_validation_steps)
-    run.should_validate = due
+        return None
+    return PeriodicValidation(make_validation_loader(index, seed, accelerator), seed=seed, every_n_steps=every_n_steps,
+                              every_n_epochs=every_n_epochs, max_batches=max_batches)

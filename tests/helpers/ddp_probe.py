@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 from library.training.accelerate_utils import (
-    add_accelerate_arguments,
     broadcast_seed,
     build_accelerator,
     gather_state_dict,
     prepare_for_deepspeed,
 )
-from library.cli.config import add_dataset_arguments, add_training_arguments, build_parser, parse_args
+from library.cli.accelerate_args import accelerator_options_from_args, add_accelerate_arguments
+from library.cli.config import build_parser, parse_args
+from library.cli.data_args import add_dataset_arguments
+from library.cli.training_args import add_training_arguments
 
 STEPS = 3
 BATCH = 4
@@ -80,7 +82,7 @@ def main(argv: Sequence[str]) -> None:
     out_dir = Path(argv[0])
     parser = build_parser("ddp probe", add_dataset_arguments, add_training_arguments, add_accelerate_arguments)
     args = parse_args(parser, list(argv[1:]))
-    accelerator = build_accelerator(args)
+    accelerator = build_accelerator(accelerator_options_from_args(args))
     seed = broadcast_seed(accelerator, args.seed)
 
     model = build_model()

@@ -1,0 +1,175 @@
+"""The set-up steps of `script_flow` that read the flags: each turns the argparse namespace into typed calls.
+
+Below library/cli nothing sees the namespace; these are the places where flag names meet the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from library.cli.data_args import dataset_flags_from_args
+from library.data.dataset_config_loading import load_dataset_configs
+from library.data.dataset_index import load_dataset_index, split_for_validation
+from library.io import is_secret
+from library.data.datasets import build_bucket_sampler_inputs
+from library.models.families import FINEST_BUCKET_STEP, ModelFamily, detect_family, resolve_family
+from library.models.loading import StableDiffusionModel
+from library.training import sampling
+from library.training.callbacks import PeriodicSampling
+from library.training.run_setup import TrainingData
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's files or flags: reported as one line, not a traceback."""
+    from library.cache.latent_files import LatentEncodingError
+    from library.data.cacheable import NotCacheableError
+    from library.data.dataset_config import DatasetConfigError
+    from library.models.loading import ModelLoadError
+    from library.training.output_checks import OutputError
+    from library.cli.preflight import StartupCheckError
+    from library.data.records import DatasetProblems
+    from library.training.sampling import SamplePromptError
+    from library.training.loop import TrainingStopped
+    from library.training.checkpoints import StateError
+
+    return (OutputError, DatasetConfigError, DatasetProblems, NotCacheableError, ModelLoadError, SamplePromptError,
+            LatentEncodingError, TrainingStopped, FileNotFoundError, StartupCheckError, StateError,
+            *_network_errors(), *_data_errors())
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    """A data file that breaks after the start-up check, or a cache folder that cannot be written."""
+    from library.cache.latent_files import CacheFileError
+    from library.data.images import ImageReadError
+
+    return ImageReadError, CacheFileError
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """A LoRA file or network setting the user gave that cannot work (networks.lora's errors)."""
+    from library.adapters.errors import LoRAWeightsError, NetworkArgumentError
+
+    return LoRAWeightsError, NetworkArgumentError
+
+
+def peek_family(args: argparse.Namespace) -> ModelFamily | None:
+    """The model family without loading weights (folder config or safetensors header), to check data first."""
+    if getattr(args, "family", None):
+        return resolve_family(args.family)
+    return detect_family(str(args.pretrained_model_name_or_path or ""))
+
+
+def build_training_data(args: argparse.Namespace, support: set[str] | None = None) -> TrainingData:
+    """Dataset configs and checked records; every data problem is raised here, before a model is loaded."""
+    family = peek_family(args)
+    min_step = FINEST_BUCKET_STEP if family is None else family.bucket_step
+    datasets = load_dataset_configs(dataset_flags_from_args(args), support)
+    if getattr(args, "masked_loss", False) and not any(s.alpha_mask for d in datasets for s in d.subsets):
+        from library.data.dataset_config import DatasetConfigError
+
+        raise DatasetConfigError("--masked_loss weights the loss by each image's alpha channel, but no subset loads "
+                                 "it: add --alpha_mask (or alpha_mask = true in the dataset config)")
+    index, validation = split_for_validation(load_dataset_index(datasets, min_step=min_step,
+                                                                max_token_length=args.max_token_length or 75))
+    return TrainingData(datasets, index, family, build_bucket_sampler_inputs(index), validation)
+
+
+def apply_attention_backend(args: argparse.Namespace, model: StableDiffusionModel) -> str:
+    """--xformers / --mem_eff_attn / --sdpa on the UNet (and VAE), through diffusers' own attention processors.
+
+    --mem_eff_attn maps to diffusers' sliced attention, the maintained equivalent of kohya's chunked
+    attention (less memory, slower). Without a flag the UNet keeps diffusers' default, which is SDPA.
+    """
+    if getattr(args, "xformers", False):
+        model.unet.enable_xformers_memory_efficient_attention()
+        model.vae.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    if getattr(args, "mem_eff_attn", False):
+        model.unet.set_attention_slice("auto")
+        return "sliced (mem_eff_attn)"
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model.unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def model_dtypes(args: argparse.Namespace, model: StableDiffusionModel) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
+    """(weights of frozen modules, VAE, saved files): fp32 VAE with --no_half_vae, as kohya."""
+    weight = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    vae = torch.float32 if getattr(args, "no_half_vae", False) else weight
+    save = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_precision or "")
+    return weight, vae, save
+
+
+def print_summary(accelerator: Any, args: argparse.Namespace, model: StableDiffusionModel, data: TrainingData,
+                  plan: Any, optimizer_description: str, save: Any) -> None:
+    """One screen before step 1: what is trained on what, and the step arithmetic."""
+    lines = [
+        f"model: {args.pretrained_model_name_or_path} ({model.family.name}, {model.prediction_type})",
+        f"data: {len(data.datasets)} dataset(s), resolution {data.resolution[0]}x{data.resolution[1]}, "
+        f"batch {data.batch_size}",
+        "buckets (WxH: samples): " + ", ".join(f"{k}: {v}" for k, v in sorted(data.bucket_info()["buckets"].items())),
+        plan.format(),
+        f"optimizer: {optimizer_description}; lr scheduler {args.lr_scheduler}",
+        f"mixed precision: {args.mixed_precision}; gradient checkpointing: {bool(args.gradient_checkpointing)}",
+        f"output: {save.model_path(save.output_name)}",
+        *(f"warning: {notice}" for notice in data.index.notices),
+    ]
+    accelerator.print("\n".join(lines))
+
+
+def sampling_callback(args: argparse.Namespace, model: StableDiffusionModel, prompt_encoder: Any, accelerator: Any,
+                      dtype: torch.dtype, resolution: tuple[int, int], controlnet: Any = None,
+                      measure: Callable[[list[Any]], dict[str, float]] | None = None) -> PeriodicSampling | None:
+    """Samples from --sample_prompts at kohya's points (--sample_every_n_steps/epochs, --sample_at_first).
+
+    ``measure`` turns the step's samples into scalars (e.g. ControlNet fidelity), logged and printed.
+    """
+    if not args.sample_prompts:
+        return None
+    prompts = sampling.load_sample_prompts(args.sample_prompts, default_size=max(resolution))
+    output_dir = Path(args.output_dir)
+    writer = _tensorboard_writer(accelerator)
+
+    def sample(step: int, epoch: int | None) -> None:
+        results = sampling.generate_samples(model, prompt_encoder, prompts, output_dir, args.output_name, step, epoch,
+                                            args.sample_sampler, accelerator.device, dtype, controlnet=controlnet,
+                                            distributed_state=accelerator.state if accelerator.num_processes > 1 else None)
+        if measure is not None:
+            scalars = measure(results)
+            if scalars:
+                accelerator.log(scalars, step=step)
+                accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
+        if writer is not None:
+            for index, result in enumerate(results):
+                writer.add_image(f"samples/{index:02d}", _image_array(result), global_step=step, dataformats="HWC")
+
+    return PeriodicSampling(sample, every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
+                            at_first=bool(args.sample_at_first))
+
+
+def _tensorboard_writer(accelerator: Any) -> Any:
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name == "tensorboard":
+            return tracker.writer
+    return None
+
+
+def _image_array(result: Any) -> Any:
+    import numpy as np
+
+    image = getattr(result, "image", result)
+    return np.asarray(image)
+
+
+def start_logging(accelerator: Any, args: argparse.Namespace, project_name: str) -> None:
+    """Open the trackers build_accelerator configured (TensorBoard under --logging_dir), with the run's flags."""
+    if not accelerator.log_with:
+        return
+    flags = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()
+             if not is_secret(k)}
+    accelerator.init_trackers(project_name, config=flags)
