@@ -111,8 +111,12 @@ def test_samples_and_tensorboard_logs(tiny_model_dirs, sample_data, tmp_path):
 
     event_files = list((tmp_path / "logs").rglob("events.out.tfevents*"))
     assert event_files
-    scalars = EventAccumulator(str(event_files[0].parent)).Reload().Tags()["scalars"]
-    assert "loss/current" in scalars and "lr" in scalars
+    events = EventAccumulator(str(event_files[0].parent), size_guidance={"images": 0}).Reload()
+    assert "loss/current" in events.Tags()["scalars"] and "lr" in events.Tags()["scalars"]
+    # every sample also reaches TensorBoard, at the step it was taken (0 = --sample_at_first), at its own size
+    assert sorted(events.Tags()["images"]) == ["samples/00", "samples/01"]
+    shown = events.Images("samples/00")
+    assert [image.step for image in shown] == [0, 2, 4] and (shown[0].width, shown[0].height) == (64, 64)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_model_dirs, sample_data, tmp_path, capsys):

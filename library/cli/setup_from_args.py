@@ -133,7 +133,6 @@ def sampling_callback(args: argparse.Namespace, model: StableDiffusionModel, pro
         return None
     prompts = sampling.load_sample_prompts(args.sample_prompts, default_size=max(resolution))
     output_dir = Path(args.output_dir)
-    writer = _tensorboard_writer(accelerator)
 
     def sample(step: int, epoch: int | None) -> None:
         results = sampling.generate_samples(model, prompt_encoder, prompts, output_dir, args.output_name, step, epoch,
@@ -144,6 +143,7 @@ def sampling_callback(args: argparse.Namespace, model: StableDiffusionModel, pro
             if scalars:
                 accelerator.log(scalars, step=step)
                 accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
+        writer = _tensorboard_writer(accelerator)  # looked up now: the trackers open after this callback is built
         if writer is not None:
             for index, result in enumerate(results):
                 writer.add_image(f"samples/{index:02d}", _image_array(result), global_step=step, dataformats="HWC")
