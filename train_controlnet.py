@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,11 +28,15 @@ from torch import nn
 from library.data import conditioning
 from library.cli import config
 from library.cli.data_args import add_conditioning_arguments, filter_from_args
+from library.cli.metadata_args import model_spec_from_args
+from library.cli.optim_args import add_fused_backward_arguments, optimizer_settings_from_args
 from library.cli.training_args import add_saving_arguments
 from library.cli import script_flow
+from library.training import fused_backward
 from library.models.controlnet_models import create_controlnet, load_controlnet, save_controlnet
 from library.training.checkpoints import SINGLE_FILE_FORMATS
 from library.models.loading import StableDiffusionModel, save_single_file
+from library.models.model_spec import ModelSpec, fill_in_hash
 from library.data.datasets import Batch
 from library.training.loop import Callback
 
@@ -40,7 +45,11 @@ def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--controlnet_model_name_or_path", default=None,
                        help="continue from this ControlNet (diffusers folder or single file); default: a new one "
                             "copied from the UNet's encoder")
-    group.add_argument("--control_net_lr", type=config.learning_rate, default=None, help="ControlNet learning rate (default --learning_rate)")
+    group.add_argument("--control_net_lr", type=config.learning_rate, default=None,
+                       help="learning rate of the ControlNet's own layers (parameters named controlnet_*: the "
+                            "conditioning embedding and the zero convolutions), as in kohya's "
+                            "sdxl_train_control_net.py; the encoder copied from the UNet trains at --learning_rate. "
+                            "Default: --learning_rate for all (kohya's SDXL script defaults to 1e-4)")
     group.add_argument("--train_unet_decoder", action="store_true",
                        help="also train the UNet's decoder half (the original work's sd_locked=False)")
     group.add_argument("--unet_decoder_lr", type=config.learning_rate, default=None, help="learning rate of the UNet decoder half")
@@ -53,9 +62,21 @@ def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     return script_flow.build_script_parser(
-        __doc__, 1e-5, partial(add_saving_arguments, model_formats=("safetensors", "ckpt", "diffusers"),
+        __doc__, 1e-5, partial(add_saving_arguments, model_formats=("safetensors", "ckpt", "pt", "diffusers"),
                                default_model_format="safetensors"),
-        add_controlnet_arguments, add_conditioning_arguments)
+        add_controlnet_arguments, add_conditioning_arguments, add_fused_backward_arguments)
+
+
+def controlnet_param_groups(controlnet: nn.Module, *, learning_rate: float,
+                            control_net_lr: float | None) -> list[dict[str, Any]]:
+    """One group at --learning_rate, or with --control_net_lr kohya's split: the ControlNet's own layers
+    (``controlnet_*``) at that rate, the encoder copied from the UNet at --learning_rate."""
+    if control_net_lr is None:
+        return [{"params": list(controlnet.parameters()), "name": "controlnet", "lr": learning_rate}]
+    own = [p for name, p in controlnet.named_parameters() if name.startswith("controlnet_")]
+    encoder = [p for name, p in controlnet.named_parameters() if not name.startswith("controlnet_")]
+    return [{"params": own, "name": "controlnet", "lr": control_net_lr},
+            {"params": encoder, "name": "controlnet_encoder", "lr": learning_rate}]
 
 
 def unet_decoder_parameters(unet: nn.Module) -> list[nn.Parameter]:
@@ -71,7 +92,7 @@ class ControlNetTrainee:
 
     def __init__(self, model: StableDiffusionModel, controlnet: nn.Module, train_unet_decoder: bool,
                  only_mid_control: bool, conditioning_scale: float, dropout_rate: float, save_format: str,
-                 save_dtype: torch.dtype | None) -> None:
+                 save_dtype: torch.dtype | None, model_spec: ModelSpec | None = None) -> None:
         self.model = model
         self.controlnet = controlnet
         self.train_unet_decoder = train_unet_decoder
@@ -80,6 +101,7 @@ class ControlNetTrainee:
         self.dropout_rate = dropout_rate
         self.save_format = save_format
         self.save_dtype = save_dtype
+        self.model_spec = model_spec
         self.forward_controlnet: nn.Module = controlnet
         self.forward_unet: nn.Module = model.unet
 
@@ -121,12 +143,19 @@ class ControlNetTrainee:
 
     def save(self, path: Path, step: int, epoch: int) -> None:
         """The ControlNet (a folder for --save_model_as diffusers, else one file); with --train_unet_decoder the
-        whole model too, as ``<name>-model.safetensors``, since the ControlNet only works with that UNet."""
+        whole model too, as ``<name>-model.safetensors``, since the ControlNet only works with that UNet.
+        Single .safetensors files carry the ModelSpec keys (kohya writes them for SDXL ControlNets only)."""
+        spec = self.model_spec.metadata_for(path) if self.model_spec is not None else {}
         save_controlnet(self.controlnet, path, self.model.family.name, dtype=self.save_dtype,
-                        metadata={"ss_steps": str(step), "ss_epoch": str(epoch)},
+                        metadata={"ss_steps": str(step), "ss_epoch": str(epoch), **spec},
                         overwrite=True)  # start-up checked that replacing is allowed (--overwrite / --resume)
+        fill_in_hash(path)
         if self.train_unet_decoder:
-            save_single_file(self.model, path.with_name(f"{path.stem}-model.safetensors"), dtype=self.save_dtype)
+            model_path = path.with_name(f"{path.stem}-model.safetensors")
+            model_spec = replace(self.model_spec, kind="checkpoint") if self.model_spec is not None else None
+            save_single_file(self.model, model_path, dtype=self.save_dtype,
+                             metadata=model_spec.metadata_for(model_path) if model_spec is not None else None)
+            fill_in_hash(model_path)
 
 
 def fidelity_metrics(fidelity_filter: Any, tolerance: int):
@@ -173,8 +202,7 @@ def train_controlnet(args: argparse.Namespace, parser: argparse.ArgumentParser, 
     controlnet.requires_grad_(True)
     if args.gradient_checkpointing:  # the trained module holds most of the activations worth recomputing
         controlnet.enable_gradient_checkpointing()
-    params: list[dict[str, Any]] = [{"params": list(controlnet.parameters()), "name": "controlnet",
-                                     "lr": args.control_net_lr if args.control_net_lr is not None else args.learning_rate}]
+    params = controlnet_param_groups(controlnet, learning_rate=args.learning_rate, control_net_lr=args.control_net_lr)
     if args.train_unet_decoder:
         decoder = unet_decoder_parameters(model.unet)
         for parameter in decoder:
@@ -183,17 +211,25 @@ def train_controlnet(args: argparse.Namespace, parser: argparse.ArgumentParser, 
                        "lr": args.unet_decoder_lr if args.unet_decoder_lr is not None else args.learning_rate})
 
     pipeline = script_flow.build_data_pipeline(session, conditioning_filter)
-    optimizer, lr_scheduler, description = script_flow.build_optimizer(session, params, pipeline.plan)
+    if args.fused_backward_pass:  # each parameter steps inside backward: the full set of gradients never exists
+        optimizer, lr_scheduler, description = fused_backward.build_fused_optimizer_and_scheduler(
+            optimizer_settings_from_args(args), params, pipeline.plan.max_train_steps, args.max_grad_norm)
+    else:
+        optimizer, lr_scheduler, description = script_flow.build_optimizer(session, params, pipeline.plan)
     save_format = args.save_model_as or "safetensors"
+    model_spec = model_spec_from_args(args, family=model.family, kind="controlnet", resolution=session.data.resolution,
+                                      prediction_type=model.prediction_type)
     trainee = ControlNetTrainee(model, controlnet, args.train_unet_decoder, args.only_mid_control,
-                                args.conditioning_scale, args.conditioning_dropout_rate, save_format, session.save_dtype)
+                                args.conditioning_scale, args.conditioning_dropout_rate, save_format, session.save_dtype,
+                                model_spec)
     fidelity_filter = conditioning.make_filter(args.fidelity_filter, []) if args.fidelity_filter else conditioning_filter
     metrics = fidelity_metrics(fidelity_filter, args.control_fidelity_tolerance) if fidelity_filter else None
     return script_flow.run_training(session, pipeline, trainee, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                     optimizer_description=description,
                                     save_extension=SINGLE_FILE_FORMATS.get(save_format, ""),
                                     project_name="controlnet_train", sampling_controlnet=controlnet,
-                                    sample_metrics=metrics, callbacks=callbacks)
+                                    sample_metrics=metrics, clip_in_loop=not args.fused_backward_pass,
+                                    callbacks=callbacks)
 
 
 def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -> int:

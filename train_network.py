@@ -25,11 +25,16 @@ from torch import nn
 from library.adapters.errors import NetworkArgumentError
 from library.adapters.network_args import parse_network_args
 from library.cli import config
+from library.cli.metadata_args import model_spec_from_args
 from library.cli.training_args import add_saving_arguments, metadata_flags_from_args
 from library.cli import script_flow
+from library.cli.optim_args import add_fused_backward_arguments, optimizer_settings_from_args
+from library.training import fused_backward
 from library.data.datasets import Batch
+from library.models.model_spec import ModelSpec, fill_in_hash
 from library.training.loop import Callback
 from library.training.training_metadata import per_save_metadata, tag_frequency, training_metadata
+from networks.merge_lora import merge_into_model
 from networks.plugin import NetworkModule, NetworkOptions, build_network, import_network_module
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +46,14 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--network_args", nargs="*", default=None, help="k=v options for the network, e.g. conv_dim=4")
     group.add_argument("--network_weights", default=None, help="LoRA file to continue training from")
     group.add_argument("--dim_from_weights", action="store_true", help="take dim/alpha from --network_weights")
+    group.add_argument("--base_weights", type=str, nargs="*", default=None,
+                       help="LoRA files merged into the base model before training (as networks/merge_lora.py "
+                            "--sd_model bakes them: weight += multiplier * up @ down * alpha / rank); the trained "
+                            "LoRA then learns on top of them. Read as networks.lora LoRA/LoCon files whatever "
+                            "--network_module is")
+    group.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None,
+                       help="one multiplier per --base_weights file; a missing one is 1.0 (as in kohya; more values than "
+                            "files is an error here, where kohya ignores the extra ones)")
     group.add_argument("--network_train_unet_only", action="store_true")
     group.add_argument("--network_train_text_encoder_only", action="store_true")
     group.add_argument("--unet_lr", type=config.learning_rate, default=None)
@@ -54,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     return script_flow.build_script_parser(
         __doc__, 1e-4,
         partial(add_saving_arguments, model_formats=("safetensors", "ckpt", "pt"), default_model_format="safetensors"),
-        add_network_arguments)
+        add_network_arguments, add_fused_backward_arguments)
 
 
 class LoraUNet(nn.Module):
@@ -79,7 +92,7 @@ class LoraTrainee:
 
     def __init__(self, network: nn.Module, unet: nn.Module, text_encoders: list[nn.Module], trains_text_encoder: bool,
                  gradient_checkpointing: bool, save_dtype: torch.dtype | None, metadata: dict[str, str],
-                 minimal_metadata: bool) -> None:
+                 minimal_metadata: bool, model_spec: ModelSpec | None = None) -> None:
         self.network = network
         self.unet = unet
         self.model: nn.Module = LoraUNet(network, unet)
@@ -90,6 +103,7 @@ class LoraTrainee:
         self.save_dtype = save_dtype
         self.metadata = metadata
         self.minimal_metadata = minimal_metadata
+        self.model_spec = model_spec
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"lora_unet": self.model}
@@ -112,9 +126,13 @@ class LoraTrainee:
         return contextlib.nullcontext()
 
     def save(self, path: Path, step: int, epoch: int) -> None:
+        """kohya's ss_* metadata (only the minimum with --no_metadata) and the ModelSpec keys (always, as kohya)."""
         metadata = per_save_metadata(self.metadata, step, epoch, self.minimal_metadata)
+        if self.model_spec is not None:
+            metadata.update(self.model_spec.metadata_for(path))
         path.parent.mkdir(parents=True, exist_ok=True)  # kohya-style networks write with save_file, no mkdir
-        self.network.save_weights(str(path), self.save_dtype, None if path.suffix != ".safetensors" else metadata)
+        self.network.save_weights(str(path), self.save_dtype, None if path.suffix.lower() != ".safetensors" else metadata)
+        fill_in_hash(path)
 
 
 def network_options_from_args(args: argparse.Namespace) -> NetworkOptions:
@@ -132,9 +150,26 @@ def create_network(args: argparse.Namespace, model: Any, module: NetworkModule) 
 
 def check_network_flags(args: argparse.Namespace) -> None:
     """Flag values no network can use, refused before the model is loaded."""
+    if args.network_module.split(".")[0] == "lycoris":  # the kohya_ss GUI's LyCORIS presets
+        raise NetworkArgumentError(f"--network_module {args.network_module}: LyCORIS networks (the lycoris-lora "
+                                   "package) are not supported yet; use --network_module networks.lora, which trains "
+                                   "LoRA and LoCon (conv_dim=... in --network_args)")
     if args.network_dim is not None and args.network_dim < 1:
         raise NetworkArgumentError(f"--network_dim must be at least 1 (got {args.network_dim}): it is the LoRA rank, "
                                    "e.g. --network_dim 16")
+    missing = [path for path in args.base_weights or () if not Path(path).is_file()]
+    if missing:
+        raise NetworkArgumentError(f"--base_weights: {missing[0]} is not a file: give the path of a LoRA to merge "
+                                   "into the base model")
+    if len(args.base_weights_multiplier or ()) > len(args.base_weights or ()):
+        raise NetworkArgumentError(f"--base_weights_multiplier has {len(args.base_weights_multiplier)} value(s) for "
+                                   f"{len(args.base_weights or ())} --base_weights file(s): give one per file")
+
+
+def base_weight_ratios(args: argparse.Namespace) -> list[float]:
+    """One multiplier per --base_weights file: --base_weights_multiplier's, 1.0 where it has none (kohya's rule)."""
+    given = list(args.base_weights_multiplier or ())
+    return [given[i] if i < len(given) else 1.0 for i in range(len(args.base_weights or ()))]
 
 
 def main(argv: list[str] | None = None, *, callbacks: Sequence[Callback] = ()) -> int:
@@ -155,6 +190,8 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
     check_network_flags(args)
     session = script_flow.open_session(args)
     model, accelerator = session.model, session.accelerator
+    if args.base_weights:  # baked into the frozen model before the trained network wraps it (kohya's order)
+        merge_into_model(model, list(args.base_weights), base_weight_ratios(args))
 
     network = create_network(args, model, import_network_module(args.network_module))
     network.apply_to(model.text_encoders, model.unet, train_text_encoder, train_unet)
@@ -171,20 +208,27 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
     if text_encoder_lr is not None and len(text_encoder_lr) == 1:
         text_encoder_lr = text_encoder_lr[0]
     params, _ = network.prepare_optimizer_params(text_encoder_lr, args.unet_lr, args.learning_rate)
-    optimizer, lr_scheduler, optimizer_description = script_flow.build_optimizer(session, params, plan)
+    if args.fused_backward_pass:  # each LoRA weight steps inside backward, its gradient freed at once
+        optimizer, lr_scheduler, optimizer_description = fused_backward.build_fused_optimizer_and_scheduler(
+            optimizer_settings_from_args(args), params, plan.max_train_steps, args.max_grad_norm)
+    else:
+        optimizer, lr_scheduler, optimizer_description = script_flow.build_optimizer(session, params, plan)
     base_metadata = training_metadata(
         metadata_flags_from_args(args), family=model.family, session_id=None, started_at=time.time(), num_train_images=data.num_images,
         num_reg_images=data.num_reg_images, batches_per_epoch=plan.batches_per_epoch_per_process,
         num_epochs=plan.num_epochs, max_train_steps=plan.max_train_steps, optimizer_description=optimizer_description,
         network_args=parse_network_args(args.network_args), dataset_summary=data.summary_for_metadata(),
         tag_freq=tag_frequency(data.caption_sources()), bucket_info=data.bucket_info(), resolution=data.resolution)
+    model_spec = model_spec_from_args(args, family=model.family, kind="lora", resolution=data.resolution,
+                                      prediction_type=model.prediction_type)
     trainee = LoraTrainee(network, model.unet, model.text_encoders, train_text_encoder, args.gradient_checkpointing,
-                          session.save_dtype, base_metadata, args.no_metadata)
+                          session.save_dtype, base_metadata, args.no_metadata, model_spec)
     own = [MaxNormRegularisation(network, args.scale_weight_norms, accelerator.device)] if args.scale_weight_norms else []
     extension = "." + (args.save_model_as or "safetensors")
     return script_flow.run_training(session, pipeline, trainee, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                     optimizer_description=optimizer_description, save_extension=extension,
-                                    project_name="network_train", callbacks=[*own, *callbacks])
+                                    project_name="network_train", clip_in_loop=not args.fused_backward_pass,
+                                    callbacks=[*own, *callbacks])
 
 
 class MaxNormRegularisation(Callback):

@@ -29,13 +29,16 @@ from library.cli.optim_args import (
     check_block_lr_flag,
     ema_settings_from_args,
     optimizer_settings_from_args,
+    uses_fused_backward,
 )
-from library.cli.training_args import add_saving_arguments
+from library.cli.metadata_args import model_spec_from_args
+from library.cli.training_args import add_saving_arguments, with_use_safetensors
 from library.training import ema, fused_backward
 from library.cli import script_flow
 from library.training.checkpoints import SINGLE_FILE_FORMATS
 from library.models.families import SDXL
 from library.models.loading import StableDiffusionModel, is_single_file, save_diffusers, save_single_file
+from library.models.model_spec import ModelSpec, fill_in_hash
 from library.models.sdxl_blocks import block_param_groups, parse_block_lr
 from library.data.datasets import Batch
 from library.training.callbacks import EmaUpdate
@@ -55,8 +58,10 @@ def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return script_flow.build_script_parser(__doc__, 1e-6, add_saving_arguments, add_sdxl_arguments,
-                                           add_ema_arguments, add_fused_backward_arguments)
+    return script_flow.build_script_parser(__doc__, 1e-6, partial(add_saving_arguments, use_safetensors_flag=True),
+                                           add_sdxl_arguments,
+                                           add_ema_arguments,
+                                           partial(add_fused_backward_arguments, optimizer_groups_flag=True))
 
 
 def freeze_unused_text_encoder_1_layers(text_encoder: nn.Module) -> None:
@@ -71,7 +76,8 @@ class FullModelTrainee:
 
     def __init__(self, model: StableDiffusionModel, trained: dict[str, nn.Module], *, gradient_checkpointing: bool,
                  save_format: str, save_dtype: torch.dtype | None,
-                 averaged: ema.ExponentialMovingAverage | None = None, save_raw_too: bool = False) -> None:
+                 averaged: ema.ExponentialMovingAverage | None = None, save_raw_too: bool = False,
+                 model_spec: ModelSpec | None = None) -> None:
         self.model = model
         self.trained = trained
         self.gradient_checkpointing = gradient_checkpointing
@@ -79,6 +85,7 @@ class FullModelTrainee:
         self.save_dtype = save_dtype
         self.averaged = averaged
         self.save_raw_too = save_raw_too
+        self.model_spec = model_spec
         self.forward_unet: nn.Module = model.unet
         self.trains_text_encoder = any(name.startswith("text_encoder") for name in trained)
 
@@ -122,9 +129,11 @@ class FullModelTrainee:
             self._write(path, step, epoch)
 
     def _write(self, path: Path, step: int, epoch: int) -> None:
-        if self.save_format in SINGLE_FILE_FORMATS:
+        if self.save_format in SINGLE_FILE_FORMATS:  # a folder carries no ModelSpec keys (kohya writes none)
+            spec = self.model_spec.metadata_for(path) if self.model_spec is not None else {}
             save_single_file(self.model, path, dtype=self.save_dtype,
-                             metadata={"ss_steps": str(step), "ss_epoch": str(epoch)})
+                             metadata={"ss_steps": str(step), "ss_epoch": str(epoch), **spec})
+            fill_in_hash(path)
         else:
             save_diffusers(self.model, path, dtype=self.save_dtype,
                            safe_serialization=self.save_format == "diffusers_safetensors",
@@ -134,7 +143,7 @@ class FullModelTrainee:
 def default_save_format(args: argparse.Namespace) -> str:
     """The input's format, as kohya: a single file in, a single file out; a folder in, a folder out."""
     if args.save_model_as:
-        return args.save_model_as
+        return with_use_safetensors(args, args.save_model_as)
     return "safetensors" if is_single_file(args.pretrained_model_name_or_path) else "diffusers_safetensors"
 
 
@@ -179,7 +188,7 @@ def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser, *, cal
                            "name": name})
 
     pipeline = script_flow.build_data_pipeline(session)
-    if args.fused_backward_pass:  # each parameter steps inside backward: the full set of gradients never exists
+    if uses_fused_backward(args):  # each parameter steps inside backward: the full set of gradients never exists
         optimizer, lr_scheduler, description = fused_backward.build_fused_optimizer_and_scheduler(
             optimizer_settings_from_args(args), params, pipeline.plan.max_train_steps, args.max_grad_norm)
     else:
@@ -192,13 +201,16 @@ def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser, *, cal
         averaged = ema.ExponentialMovingAverage(named, settings)
     trainee = FullModelTrainee(model, trained, gradient_checkpointing=args.gradient_checkpointing,
                                save_format=save_format, save_dtype=session.save_dtype, averaged=averaged,
-                               save_raw_too=args.save_raw_too)
+                               save_raw_too=args.save_raw_too,
+                               model_spec=model_spec_from_args(args, family=model.family, kind="checkpoint",
+                                                               resolution=session.data.resolution,
+                                                               prediction_type=model.prediction_type))
     extension = SINGLE_FILE_FORMATS.get(save_format, "")
     return script_flow.run_training(session, pipeline, trainee, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                     optimizer_description=description, save_extension=extension,
                                     project_name="sdxl_finetune",
                                     register_for_checkpointing=(averaged,) if averaged else (),
-                                    clip_in_loop=not args.fused_backward_pass,
+                                    clip_in_loop=not uses_fused_backward(args),
                                     callbacks=[*([EmaUpdate(averaged)] if averaged else []), *callbacks])
 
 

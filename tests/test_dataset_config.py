@@ -323,7 +323,7 @@ def test_value_ranges(dirs: Path) -> None:
 [[datasets]]
 batch_size = 0
 min_bucket_reso = 2048
-validation_split = 1.0
+validation_split = 1.5
   [[datasets.subsets]]
   image_dir = "a"
   conditioning_data_dir = "cond"
@@ -333,7 +333,7 @@ validation_split = 1.0
     ds = f"{cfg} [[datasets]] #1"
     assert f"{ds}: batch_size = 0 must be >= 1" in msg
     assert f"{ds}: min_bucket_reso = 2048 (from {ds}) is larger than max_bucket_reso = 1024 (from argument --max_bucket_reso)" in msg
-    assert f"{ds}: validation_split = 1.0 must be in [0, 1)" in msg
+    assert f"{ds}: validation_split = 1.5 must be in [0, 1]" in msg
     assert f"{ds} [[datasets.subsets]] #1: random_crop = true is not supported by ControlNet" in msg
 
 

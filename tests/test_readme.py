@@ -58,7 +58,7 @@ def test_every_imported_package_is_a_requirement() -> None:
     import sys
 
     declared = {"torch", "accelerate", "diffusers", "transformers", "safetensors", "toml", "cv2", "PIL", "numpy",
-                "tqdm", "tensorboard", "peft", "scipy"}
+                "tqdm", "tensorboard", "peft", "scipy", "huggingface_hub"}
     requirements = (ROOT / "requirements.txt").read_text()
     pip_names = {"cv2": "opencv-python-headless", "PIL": "pillow"}
     for module in declared:

@@ -226,7 +226,9 @@ def test_sampling_arguments():
     with pytest.raises(SystemExit):
         parse_args(parser, ["--sample_sampler", "plms"])
     with pytest.raises(SystemExit):
-        parse_args(parser, ["--sample_every_n_epochs", "0"])
+        parse_args(parser, ["--sample_every_n_epochs", "-1"])
+    # kohya: 0 means off (kohya_ss GUI configs write it), so no prompt file is needed
+    assert parse_args(parser, ["--sample_every_n_epochs", "0", "--sample_every_n_steps", "0"]).sample_every_n_epochs == 0
     with pytest.raises(SystemExit):  # a trigger without a prompt file would silently do nothing
         parse_args(parser, ["--sample_every_n_epochs", "1"])
 

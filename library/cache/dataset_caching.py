@@ -116,13 +116,13 @@ class LatentCacheLocation:
 
 
 def latent_job_for(image_path: Path, image_size: Size, bucket: Size, *, flip: bool, alpha_mask: bool = False,
-                   cache_file: Path | None = None) -> LatentJob:
+                   cache_file: Path | None = None, interpolation: str | None = None) -> LatentJob:
     """The job for one image in one bucket: the centre crop the dataset would take, never flipped itself
     (``flip`` asks for the mirrored latent as well)."""
     plan = plan_crop(image_size, bucket, random_crop=False, flip_aug=False, rng=random.Random(0))
     return LatentJob(image_path=image_path, original_size=plan.original_size, bucket=plan.bucket,
                      resized_size=plan.resized_size, crop_left_top=plan.crop_left_top, flip=flip,
-                     alpha_mask=alpha_mask, cache_file=cache_file)
+                     alpha_mask=alpha_mask, cache_file=cache_file, interpolation=interpolation)
 
 
 def _record_job(record: ImageRecord, location: LatentCacheLocation) -> LatentJob:
@@ -130,7 +130,8 @@ def _record_job(record: ImageRecord, location: LatentCacheLocation) -> LatentJob
         raise ValueError(f"{record.image_path}: no bucket assigned (call assign_buckets first)")
     cache_file = None if location.directory is None else location.path_for(record)
     return latent_job_for(record.image_path, record.image_size, record.bucket.bucket, flip=record.subset.flip_aug,
-                          alpha_mask=record.subset.alpha_mask, cache_file=cache_file)
+                          alpha_mask=record.subset.alpha_mask, cache_file=cache_file,
+                          interpolation=record.subset.resize_interpolation)
 
 
 def _grouped_jobs(index: DatasetIndex, location: LatentCacheLocation) -> tuple[dict[Path, LatentJob], list[str]]:
@@ -182,7 +183,8 @@ def load_job_pixels(job: LatentJob, flipped: bool) -> torch.Tensor | tuple[torch
     try:
         loaded = load_image(job.image_path, keep_alpha=job.alpha_mask)
         plan = CropPlan(original_size=job.original_size, resized_size=job.resized_size,
-                        crop_left_top=job.crop_left_top, bucket=job.bucket, flipped=flipped)
+                        crop_left_top=job.crop_left_top, bucket=job.bucket, flipped=flipped,
+                        interpolation=job.interpolation)
         pixels = to_tensor(apply_crop_plan(loaded.rgb, plan))
         if not job.alpha_mask:
             return pixels

@@ -84,6 +84,7 @@ class LatentJob:
     flip: bool = False
     alpha_mask: bool = False
     cache_file: Path | None = None
+    interpolation: str | None = None  # the resize filter (--resize_interpolation); None: LANCZOS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_path", Path(self.image_path))

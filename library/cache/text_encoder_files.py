@@ -76,8 +76,9 @@ def text_encoder_cache_identity(prompt_encoder: PromptEncoder, model_id: str | N
     clip_skip, and the encoders (``model_id`` if given, e.g. a checkpoint hash, else a hash of the weights)."""
     encoders = model_id if model_id is not None else ",".join(module_fingerprint(m) for m in prompt_encoder.text_encoders)
     tokenizers = ",".join(tokenizer_fingerprint(t) for t in prompt_encoder.tokenizers)
+    weighted = ";weighted_captions=1" if prompt_encoder.weighted else ""  # unweighted identities stay as they were
     return (f"family={prompt_encoder.family};max_token_length={prompt_encoder.max_token_length};"
-            f"clip_skip={prompt_encoder.clip_skip};tokenizers={tokenizers};encoders={encoders}")
+            f"clip_skip={prompt_encoder.clip_skip};tokenizers={tokenizers};encoders={encoders}{weighted}")
 
 
 @dataclass(frozen=True)

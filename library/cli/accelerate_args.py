@@ -6,6 +6,7 @@ import argparse
 from dataclasses import fields
 
 from library.cli.config import add_validator
+from library.cli.training_args import attention_flag_in_use
 from library.training.accelerate_utils import OFFLOAD_DEVICES, ZERO_STAGES, AcceleratorOptions, deepspeed_flag_error
 
 
@@ -46,5 +47,7 @@ def _check_deepspeed_flags(args: argparse.Namespace) -> str | None:
 def accelerator_options_from_args(args: argparse.Namespace) -> AcceleratorOptions:
     """The Accelerator's options from the parsed flags; a flag this parser lacks keeps the option's default."""
     defaults = AcceleratorOptions()
-    return AcceleratorOptions(**{f.name: getattr(args, f.name, getattr(defaults, f.name))
-                                 for f in fields(AcceleratorOptions)})
+    values = {f.name: getattr(args, f.name, getattr(defaults, f.name)) for f in fields(AcceleratorOptions)}
+    if "xformers" in values:  # --xformers next to --mem_eff_attn is not used (kohya's order), so needs no CUDA
+        values["xformers"] = attention_flag_in_use(args) == "xformers"
+    return AcceleratorOptions(**values)

@@ -7,7 +7,8 @@ defaults, because our users bring their command lines and TOML files with them) 
 precedence is explicit CLI > file > defaults. Unlike kohya we validate every file value exactly as argparse
 would validate the same text on the command line (type, choices, booleans, lists), reject unknown keys with a
 suggestion, and reject a key given two different values in two tables, so a typo fails at start-up instead of
-silently training with a default.
+silently training with a default. Keys only the kohya_ss GUI writes (sd-scripts drops them) are the exception:
+they are named once in a note and ignored, so GUI configs run unchanged.
 
 Cross-flag rules ("pick one attention backend") are validators registered on the parser by the group that
 owns the flags; `parse_args` runs them after the merge, so they see the values from the file too.
@@ -37,6 +38,29 @@ Validator = Callable[[argparse.Namespace], str | None]
 OUTPUT_TO_CONFIG_FILE = ""
 # Keys that only steer the config machinery itself; they are neither read from nor written to a file.
 _CONFIG_DESTS = frozenset({"config_file", "output_config"})
+
+# Keys the kohya_ss GUI (bmaltais/kohya_ss, kohya_gui/*_gui.py `config_toml_data`, v24-v26) writes into the TOML
+# it passes with --config_file, and that sd-scripts' SD/SDXL training scripts never read (kohya builds its
+# namespace straight from the file, so they are silently dropped there). Accepted and named once at start-up so
+# that GUI configs run unchanged; a key that is one of our flags is read as that flag instead.
+KOHYA_SS_GUI_ONLY_KEYS = frozenset({
+    "epoch",  # the GUI's epoch count, from which it computes max_train_steps; max_train_epochs is the flag
+    "noise_offset_type",  # "Original"/"Multires": the chosen noise_offset or multires_noise_* keys are written too
+    "use_wandb",  # kohya_ss v24.0; the flag is log_with = "wandb"
+    "lowvram",  # kohya_ss v25 wrote it for a flag sd-scripts no longer has
+    "train_inpainting",  # kohya_ss v26 checkbox; no sd-scripts training script reads it
+    "stop_text_encoder_training",  # train_db.py's flag; the LoRA and SDXL scripts do not read it
+    "no_token_padding",  # train_db.py's flag, written by the DreamBooth tab for SDXL too
+})
+
+# Keys the GUI once wrote that sd-scripts silently dropped although the user asked for something: refused
+# with where the setting really goes (LoRA+ was a no-op through the GUI for a year, kohya_ss #3520).
+_MISPLACED_KEYS = {
+    "loraplus_lr_ratio": 'a network_args entry: network_args = ["loraplus_lr_ratio=16"]',
+    "loraplus_unet_lr_ratio": 'a network_args entry: network_args = ["loraplus_unet_lr_ratio=16"]',
+    "loraplus_text_encoder_lr_ratio": 'a network_args entry: network_args = ["loraplus_text_encoder_lr_ratio=4"]',
+    "lora_network_weights": "--network_weights",
+}
 
 
 class TrainingArgumentParser(argparse.ArgumentParser):
@@ -239,13 +263,21 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict[str, A
     if machinery:
         parser.error(f"config file '{path}': {', '.join(machinery)} cannot be set inside a config file; "
                      "give it on the command line")
-    unknown = [k for k in occurrences if k not in actions and k not in _CONFIG_DESTS]
+    gui_only = sorted(k for k in occurrences if k not in actions and k in KOHYA_SS_GUI_ONLY_KEYS)
+    unknown = [k for k in occurrences if k not in actions and k not in _CONFIG_DESTS and k not in gui_only]
     if unknown:
         candidates = [d for d in actions if d not in _CONFIG_DESTS]
         described = []
         for key in unknown:
-            close = difflib.get_close_matches(key.lstrip("-").replace("-", "_"), candidates, n=1, cutoff=0.6)
-            described.append(f"{key} (did you mean --{close[0]}?)" if close else key)
+            if key in _MISPLACED_KEYS:
+                described.append(f"{key} (sd-scripts ignores it; it belongs in {_MISPLACED_KEYS[key]})")
+                continue
+            close = difflib.get_close_matches(key.lstrip("-").replace("-", "_"),
+                                              [*candidates, *KOHYA_SS_GUI_ONLY_KEYS], n=1, cutoff=0.6)
+            if close and close[0] in KOHYA_SS_GUI_ONLY_KEYS:
+                described.append(f"{key} (did you mean {close[0]}, a kohya_ss GUI key that is ignored?)")
+            else:
+                described.append(f"{key} (did you mean --{close[0]}?)" if close else key)
         parser.error(f"config file '{path}' has unknown key{'s' if len(unknown) > 1 else ''} "
                      f"{', '.join(described)}: keys are the flag names without the leading '--', "
                      "fix or remove them")
@@ -253,7 +285,11 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict[str, A
     values: dict[str, Any] = {}
     problems: list[str] = []
     for key, places in occurrences.items():
+        if key in gui_only:
+            continue
         raw = places[0][1]
+        if _means_unset(actions[key], raw):
+            continue
         try:
             values[key] = _convert(actions[key], raw)
         except BadValue as e:
@@ -262,7 +298,15 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict[str, A
         many = len(problems) > 1
         parser.error(f"config file '{path}' has {'invalid values' if many else 'an invalid value'}: "
                      f"{'; '.join(problems)}; fix {'them' if many else 'it'} in the file")
+    if gui_only:
+        print(f"note: ignored kohya_ss GUI keys (sd-scripts ignores them too): {', '.join(gui_only)}")
     return values
+
+
+def _means_unset(action: argparse.Action, raw: Any) -> bool:
+    """An empty string for a single-valued option whose default is None: the value a GUI leaves in an unset path
+    field, which kohya treats as unset (its `if args.vae:` checks), so the default applies here too."""
+    return raw == "" and action.default is None and action.nargs in (None, "?")
 
 
 def _flatten(table: dict[str, Any], table_path: str, out: dict[str, list[tuple[str, Any]]]) -> None:
@@ -298,7 +342,9 @@ def _convert(action: argparse.Action, raw: Any) -> Any:
         if isinstance(action.const, bool) or isinstance(action, argparse.BooleanOptionalAction):
             if isinstance(raw, bool):
                 return raw
-            raise BadValue("is not a boolean: write true or false, without quotes")
+            if type(raw) is int and raw in (0, 1):  # the kohya_ss GUI writes int(checkbox) for some flags
+                return bool(raw)
+            raise BadValue("is not a boolean: write true or false (or 1 or 0), without quotes")
         if raw == action.const or raw == action.default:
             return raw
         raise BadValue(f"must be {value_repr(action.const)} (set) or {value_repr(action.default)} (unset)")

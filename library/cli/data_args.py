@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from library.cli.config import add_validator, non_negative_int, positive_int
+from library.cli.config import add_validator, non_negative_int
 from library.cache.dataset_caching import CacheMode
 from library.data.captions import CAPTION_TAG_MODES
 from library.data.dataset_config_chain import CLI_NAMES, DATASET_KEYS, SUBSET_KEYS
+from library.data.dataset_config import parse_face_crop_range
 from library.data.dataset_config_loading import DatasetFlags
 from library.data.conditioning import FILTERS, ConditioningFilter, make_filter
+from library.data.images import RESIZE_FILTERS
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +27,29 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                        help="training resolution: 'SIZE' or 'WIDTH,HEIGHT', e.g. 512 or 512,768")
     group.add_argument("--train_batch_size", type=int, default=1, help="batch size per device")
     group.add_argument("--caption_extension", type=str, default=".caption", help="extension of caption files")
+    group.add_argument("--caption_extention", type=str, default=None,
+                       help="kohya's old spelling of --caption_extension; when given, it wins (as in kohya)")
+    group.add_argument("--resize_interpolation", type=str, choices=tuple(RESIZE_FILTERS), default=None,
+                       help="filter that resizes images into their bucket (and for the latent cache); default: "
+                            "lanczos both ways (kohya: area when shrinking, lanczos when enlarging); area and box "
+                            "are PIL's pixel-area average")
+    group.add_argument("--face_crop_aug_range", type=_face_crop_range, default=None, metavar="MIN,MAX",
+                       help="kohya's face crop, e.g. 2.0,4.0: for an image named <name>_<cx>_<cy>_<w>_<h>.png "
+                            "(face centre and size in pixels), scale it so the face's longer side is 1/MAX to "
+                            "1/MIN of the short training side and crop around the face; without --enable_bucket "
+                            "only, and not in the latent cache (both as in kohya)")
+    group.add_argument("--cache_info", action="store_true",
+                       help="accepted for kohya configs; does nothing here: kohya writes metadata_cache.json to "
+                            "skip re-reading image sizes, while start-up here reads only image headers, which is "
+                            "already fast (--cache_latents_to_disk caches the latents)")
+    group.add_argument("--debug_dataset", action="store_true",
+                       help="print the first samples' captions, buckets and crops, then exit without loading a "
+                            "model (kohya opens an interactive image viewer instead)")
     group.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
     group.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
     group.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side")
     group.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this")
+    add_validator(parser, _check_bucket_reso_steps)
     group.add_argument("--bucket_no_upscale", action="store_true", help="never upscale an image to fit a bucket")
     group.add_argument("--shuffle_caption", action="store_true", help="shuffle the separated caption tokens")
     group.add_argument("--keep_tokens", type=int, default=0,
@@ -44,6 +65,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--secondary_separator", type=str, default=None,
                        help="separator that joins tokens into one unit when shuffling; replaced by "
                             "--caption_separator afterwards, e.g. ';;;'")
+    group.add_argument("--weighted_captions", action="store_true",
+                       help="A1111 emphasis in captions: (word) x1.1, [word] /1.1, (word:1.3), \\( for a literal "
+                            "bracket; each token's text-encoder state is scaled by its weight, as in kohya. "
+                            "Shuffling and dropout split captions at commas, so keep commas out of brackets")
     group.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
     group.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
     group.add_argument("--enable_wildcard", action="store_true",
@@ -67,7 +92,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prior_loss_weight", type=float, default=1.0,
                        help="loss weight of regularisation images")
     group.add_argument("--validation_split", type=float, default=0.0,
-                       help="fraction of each dataset held out for validation (0: none)")
+                       help="fraction of each dataset held out for validation (0: none; 1: validate on every image, "
+                            "which then also trains, where kohya would be left with no training images)")
     group.add_argument("--validation_seed", type=int, default=None,
                        help="seed of the validation split shuffle; default: the training --seed")
     group.add_argument("--max_data_loader_n_workers", type=int, default=8,
@@ -80,8 +106,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache_latents_to_disk", action="store_true",
                        help="like --cache_latents (implies it), but keep the latents as "
                             "'<stem>_<W>x<H>_sd(xl).npz' beside the images, reused by later runs and by kohya")
-    group.add_argument("--vae_batch_size", type=positive_int, default=1,
-                       help="images per VAE batch when caching latents")
+    group.add_argument("--vae_batch_size", type=_vae_batch_size, default=1,
+                       help="images per VAE batch when caching latents (0: the default, 1, as in kohya)")
     group.add_argument("--skip_cache_check", action="store_true",
                        help="trust existing latent cache files without checking them (faster start-up; a "
                             "changed image is then not noticed)")
@@ -96,6 +122,18 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                             "first subset's image folder (or its metadata file's folder)")
 
 
+def _face_crop_range(text: str) -> tuple[float, float]:
+    try:
+        return parse_face_crop_range(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"'{text}' {error}") from None
+
+
+def _vae_batch_size(text: str) -> int:
+    """argparse type: a batch size >= 1, where kohya's 0 means the default (1)."""
+    return non_negative_int(text) or 1
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -104,6 +142,17 @@ def _probability(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
+
+
+def _check_bucket_reso_steps(args: argparse.Namespace) -> str | None:
+    """Old kohya_ss presets carry bucket_reso_steps = 1; kohya refuses steps its models cannot take too (SDXL's
+    scripts assert a multiple of 32), so say so before anything loads. The exact step per model family (64 for
+    SD1.x/SD2.x) is checked when the buckets are made."""
+    steps = getattr(args, "bucket_reso_steps", 64)
+    if steps is not None and (steps < 32 or steps % 32):
+        return (f"--bucket_reso_steps {steps} is not a multiple of 32: bucket sides must be multiples of 64 for "
+                "SD1.x/SD2.x and of 32 for SDXL, as in kohya; set bucket_reso_steps = 64")
+    return None
 
 
 def _check_filter_args(args: argparse.Namespace) -> str | None:
@@ -159,6 +208,9 @@ def text_cache_mode(args: argparse.Namespace) -> CacheMode | None:
 
 def dataset_flags_from_args(args: argparse.Namespace) -> DatasetFlags:
     """The dataset flags `load_dataset_configs` reads; a flag this parser lacks counts as not given."""
+    key_values = {key: getattr(args, CLI_NAMES.get(key, key), None) for key in (*DATASET_KEYS, *SUBSET_KEYS, "alpha_mask")}
+    if getattr(args, "caption_extention", None) is not None:  # kohya's old spelling wins when given
+        key_values["caption_extension"] = args.caption_extention
     return DatasetFlags(
         dataset_config=getattr(args, "dataset_config", None),
         train_data_dir=getattr(args, "train_data_dir", None),
@@ -168,6 +220,5 @@ def dataset_flags_from_args(args: argparse.Namespace) -> DatasetFlags:
         conditioning_filter=getattr(args, "conditioning_filter", None),
         prior_loss_weight=getattr(args, "prior_loss_weight", None),
         seed=getattr(args, "seed", None),
-        key_values={key: getattr(args, CLI_NAMES.get(key, key), None)
-                    for key in (*DATASET_KEYS, *SUBSET_KEYS, "alpha_mask")},
+        key_values=key_values,
     )

@@ -103,8 +103,9 @@ def optimizer_settings_from_args(args: argparse.Namespace) -> OptimizerSettings:
     )
 
 
-def add_fused_backward_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--fused_backward_pass` (kohya's name) and the rules that make it safe."""
+def add_fused_backward_arguments(parser: argparse.ArgumentParser, optimizer_groups_flag: bool = False) -> None:
+    """`--fused_backward_pass` (kohya's name) and the rules that make it safe; ``optimizer_groups_flag`` adds
+    kohya's --fused_optimizer_groups (sdxl_train has it), driven by the same machinery."""
     group = parser.add_argument_group("fused backward")
     group.add_argument(
         "--fused_backward_pass", action="store_true",
@@ -113,12 +114,20 @@ def add_fused_backward_arguments(parser: argparse.ArgumentParser) -> None:
              f"{', '.join(supported_optimizer_names())}. Needs --gradient_accumulation_steps 1, one process, "
              "no DeepSpeed and no fp16 mixed precision (bf16 is fine). --max_grad_norm then clips each "
              "tensor's gradient separately, not the global norm (that would need every gradient at once)")
+    if optimizer_groups_flag:
+        group.add_argument(
+            "--fused_optimizer_groups", type=positive_int, default=None,
+            help="kohya: split the parameters into N optimizers, each stepping inside backward once its gradients "
+                 "are complete. Here it runs as --fused_backward_pass: every parameter steps on its own as soon as "
+                 "its gradient is ready, which frees gradients at least as early and gives the same update for the "
+                 "optimizers allowed (those that update each parameter from its own gradient), so N is not used; "
+                 "the same limits as --fused_backward_pass apply (Prodigy/D-Adaptation are refused)")
     add_validator(parser, fused_backward_flag_error)
 
 
 def fused_backward_flag_error(args: argparse.Namespace) -> str | None:
-    """The first flag that conflicts with --fused_backward_pass, or None."""
-    if not getattr(args, "fused_backward_pass", False):
+    """The first flag that conflicts with --fused_backward_pass (or --fused_optimizer_groups), or None."""
+    if not uses_fused_backward(args):
         return None
     accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
     if accumulation != 1:
@@ -136,6 +145,11 @@ def fused_backward_flag_error(args: argparse.Namespace) -> str | None:
         if getattr(args, flag, False):
             optimizer_type = name
     return unsupported_optimizer_message(optimizer_type)
+
+
+def uses_fused_backward(args: argparse.Namespace) -> bool:
+    """--fused_backward_pass, or kohya's --fused_optimizer_groups that runs as it here."""
+    return bool(getattr(args, "fused_backward_pass", False) or getattr(args, "fused_optimizer_groups", None))
 
 
 def add_ema_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from library.cli.config import add_validator, positive_int
+from library.cli.config import add_validator, non_negative_int
 from library.training.sampling import DEFAULT_SAMPLER, SAMPLER_NAMES
 
 
@@ -13,10 +13,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--sample_prompts", type=str, default=None,
                        help="prompt file (.txt, .toml or .json) for sample images during training")
-    group.add_argument("--sample_every_n_steps", type=positive_int, default=None,
-                       help="sample after every N optimizer steps")
-    group.add_argument("--sample_every_n_epochs", type=positive_int, default=None,
-                       help="sample after every N epochs (wins over --sample_every_n_steps)")
+    group.add_argument("--sample_every_n_steps", type=non_negative_int, default=None,
+                       help="sample after every N optimizer steps (0: off, as in kohya)")
+    group.add_argument("--sample_every_n_epochs", type=non_negative_int, default=None,
+                       help="sample after every N epochs (wins over --sample_every_n_steps; 0: off, as in kohya)")
     group.add_argument("--sample_at_first", action="store_true", help="sample once before training starts")
     group.add_argument("--sample_sampler", type=str, choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER,
                        help="sampler for the samples (a prompt's --ss overrides it)")

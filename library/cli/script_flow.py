@@ -27,9 +27,13 @@ from library.training import accelerate_utils, noise, optim, validation
 from library.cli import config
 from library.cli.accelerate_args import accelerator_options_from_args, add_accelerate_arguments
 from library.cli.data_args import add_dataset_arguments, latent_cache_mode, text_cache_mode
-from library.cli.model_args import add_model_arguments
+from library.cli.hub_args import add_hub_arguments, hub_upload_callback
+from library.cli.logging_args import add_logging_arguments, set_up_console_logging
+from library.cli.metadata_args import add_metadata_arguments
+from library.cli.model_args import add_model_arguments, apply_diffusers_xformers
 from library.cli.noise_args import add_loss_arguments, add_noise_arguments, loss_options_from_args, noise_options_from_args
 from library.cli.optim_args import add_optimizer_arguments, optimizer_settings_from_args
+from library.cli.start_args import start_from_args
 from library.cli.sampling_args import add_sampling_arguments, add_validation_arguments
 from library.cli.training_args import (
     add_training_arguments,
@@ -42,6 +46,7 @@ from library.training.run_settings import run_settings
 from library.training.train_state_io import TrainingStateIO
 from library.models.families import ModelFamily
 from library.models.loading import StableDiffusionModel, load_model
+from library.data.dataset_preview import preview_lines
 from library.training.output_checks import check_outputs, warn_if_disk_short
 from library.cli.preflight import check_run_can_start
 from library.cli.setup_from_args import (
@@ -78,6 +83,9 @@ def build_script_parser(description: str, default_learning_rate: float, saving: 
         add_sampling_arguments,
         add_validation_arguments,
         add_accelerate_arguments,
+        add_hub_arguments,
+        add_logging_arguments,
+        add_metadata_arguments,
     )
 
 
@@ -86,10 +94,17 @@ def run_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace
     """Parse (with --config_file), run ``body``, and turn errors in the user's files or flags into one line."""
     args = config.parse_args(parser, argv)
     try:
+        set_up_console_logging(args)  # --console_log_level/_file, before the first log line
         return body(args, parser)
+    except DatasetPreviewShown:
+        return 0
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+
+class DatasetPreviewShown(Exception):
+    """--debug_dataset printed its preview: the run ends there, successfully, before any model loads."""
 
 
 @dataclass(frozen=True)
@@ -114,18 +129,22 @@ def open_session(args: argparse.Namespace, *, support: set[str] | None = None,
     resume_state = resume_from_args(args)  # recovers interrupted saves, --resume auto, checks the state: before any work
     check_outputs(output_options_from_args(args), resume_state)  # an unusable --output_dir or a taken name: before the data and model
     data = build_training_data(args, support)
+    if getattr(args, "debug_dataset", False):
+        print("\n".join(preview_lines(data.index, seed=args.seed if args.seed is not None else 0)))
+        raise DatasetPreviewShown()
     accelerator = accelerate_utils.build_accelerator(accelerator_options_from_args(args))
     seed = accelerate_utils.broadcast_seed(accelerator, resume_state.seed if resume_state else args.seed)
     torch.manual_seed(seed)
     model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
-                       prediction_type="v_prediction" if args.v_parameterization else None)
+                       prediction_type="v_prediction" if args.v_parameterization else None,
+                       mmap=not getattr(args, "disable_mmap_load_safetensors", False))
     if required_family is not None and model.family is not required_family:
         from library.models.loading import ModelLoadError
 
         raise ModelLoadError(f"{args.pretrained_model_name_or_path} is an {model.family.name} model; this script trains "
                              f"{required_family.name} models only")
     weight_dtype, vae_dtype, save_dtype = model_dtypes(args, model)
-    attention = apply_attention_backend(args, model)
+    attention = apply_diffusers_xformers(args, model, apply_attention_backend(args, model))
     return Session(args=args, accelerator=accelerator, seed=seed, data=data, model=model, weight_dtype=weight_dtype,
                    vae_dtype=vae_dtype, save_dtype=save_dtype, attention=attention)
 
@@ -163,7 +182,8 @@ def build_data_pipeline(session: Session, conditioning_filter: Any = None) -> Da
     """Prompt encoder -> caches -> sampler -> plan -> loader, each from what the one before returned."""
     args, model, data, accelerator = session.args, session.model, session.data, session.accelerator
     prompt_encoder = PromptEncoder(model.family.name, model.tokenizers, model.text_encoders,
-                                   max_token_length=args.max_token_length or 75, clip_skip=args.clip_skip)
+                                   max_token_length=args.max_token_length or 75, clip_skip=args.clip_skip,
+                                   weighted=args.weighted_captions)
     caches = fill_caches(data=data, model=model, prompt_encoder=prompt_encoder, accelerator=accelerator,
                          latent_mode=latent_cache_mode(args), text_mode=text_cache_mode(args),
                          output_dir=Path(args.output_dir), vae_batch_size=args.vae_batch_size,
@@ -226,16 +246,20 @@ def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, *, 
     if args.resume:
         start = state_io.load(Path(args.resume), family=model.family.name)
         accelerator.print(f"resuming from {args.resume}: step {start.global_step}, epoch {start.epoch}")
+    start = start_from_args(args, pipeline.plan, session.seed, accelerator, resumed=start)
     noise_options = noise_options_from_args(args)
     alphas_cumprod = noise.noise_schedule(dict(model.scheduler.config), noise_options.zero_terminal_snr)
-    loss_options, save = loss_options_from_args(args), save_settings_from_args(args, save_extension)
+    loss_options, save = loss_options_from_args(args), save_settings_from_args(args, save_extension,
+                                                                           num_epochs=pipeline.plan.num_epochs)
     sampling = sampling_callback(args, model, prompt_encoder, accelerator, session.weight_dtype, session.data.resolution,
                                  controlnet=sampling_controlnet, measure=sample_metrics)
     validating = validation.validation_callback(
         session.data.validation_index, seed=session.seed, accelerator=accelerator,
         every_n_steps=args.validate_every_n_steps, every_n_epochs=args.validate_every_n_epochs,
         max_batches=args.max_validation_steps)
+    uploading = hub_upload_callback(args)  # --huggingface_repo_id: each save goes to the Hub too
     standard = [c for c in (validating, sampling) if c is not None] + [NanGuard(Path(args.resume) if args.resume else None)]
+    standard += [uploading] if uploading is not None else []
     run = TrainingRun(
         accelerator=accelerator, trainee=trainee, vae=model.vae, latent_scaling_factor=model.vae.config.scaling_factor,
         prompt_encoder=prompt_encoder, family=model.family, dataloader=pipeline.loader,

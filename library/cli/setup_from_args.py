@@ -12,14 +12,16 @@ from typing import Any, Callable
 import torch
 
 from library.cli.data_args import dataset_flags_from_args
+from library.cli.logging_args import tracker_options_from_args
+from library.cli.training_args import attention_flag_in_use
 from library.data.dataset_config_loading import load_dataset_configs
 from library.data.dataset_index import load_dataset_index, split_for_validation
-from library.io import is_secret
 from library.data.datasets import build_bucket_sampler_inputs
 from library.models.families import FINEST_BUCKET_STEP, ModelFamily, detect_family, resolve_family
 from library.models.loading import StableDiffusionModel
 from library.training import sampling
 from library.training.callbacks import PeriodicSampling
+from library.training.trackers import log_sample_images, start_trackers
 from library.training.run_setup import TrainingData
 
 
@@ -82,15 +84,18 @@ def apply_attention_backend(args: argparse.Namespace, model: StableDiffusionMode
     """--xformers / --mem_eff_attn / --sdpa on the UNet (and VAE), through diffusers' own attention processors.
 
     --mem_eff_attn maps to diffusers' sliced attention, the maintained equivalent of kohya's chunked
-    attention (less memory, slower). Without a flag the UNet keeps diffusers' default, which is SDPA.
+    attention (less memory, slower). Without a flag the UNet keeps diffusers' default, which is SDPA. With several
+    flags the first in kohya's order wins (mem_eff_attn, xformers, sdpa); the VAE gets xformers only when the
+    UNet does (kohya gives it xformers whenever --xformers is set).
     """
-    if getattr(args, "xformers", False):
+    chosen = attention_flag_in_use(args)
+    if chosen == "mem_eff_attn":
+        model.unet.set_attention_slice("auto")
+        return "sliced (mem_eff_attn)"
+    if chosen == "xformers":
         model.unet.enable_xformers_memory_efficient_attention()
         model.vae.enable_xformers_memory_efficient_attention()
         return "xformers"
-    if getattr(args, "mem_eff_attn", False):
-        model.unet.set_attention_slice("auto")
-        return "sliced (mem_eff_attn)"
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     model.unet.set_attn_processor(AttnProcessor2_0())
@@ -143,33 +148,14 @@ def sampling_callback(args: argparse.Namespace, model: StableDiffusionModel, pro
             if scalars:
                 accelerator.log(scalars, step=step)
                 accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
-        writer = _tensorboard_writer(accelerator)  # looked up now: the trackers open after this callback is built
-        if writer is not None:
-            for index, result in enumerate(results):
-                writer.add_image(f"samples/{index:02d}", _image_array(result), global_step=step, dataformats="HWC")
+        # the trackers are looked up now: they open after this callback is built
+        log_sample_images(accelerator, results, step)
 
     return PeriodicSampling(sample, every_n_steps=args.sample_every_n_steps, every_n_epochs=args.sample_every_n_epochs,
                             at_first=bool(args.sample_at_first))
 
 
-def _tensorboard_writer(accelerator: Any) -> Any:
-    for tracker in getattr(accelerator, "trackers", []):
-        if tracker.name == "tensorboard":
-            return tracker.writer
-    return None
-
-
-def _image_array(result: Any) -> Any:
-    import numpy as np
-
-    image = getattr(result, "image", result)
-    return np.asarray(image)
-
-
 def start_logging(accelerator: Any, args: argparse.Namespace, project_name: str) -> None:
-    """Open the trackers build_accelerator configured (TensorBoard under --logging_dir), with the run's flags."""
-    if not accelerator.log_with:
-        return
-    flags = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()
-             if not is_secret(k)}
-    accelerator.init_trackers(project_name, config=flags)
+    """Open the trackers build_accelerator configured (TensorBoard under --logging_dir, wandb), named and
+    configured by the logging flags (the run's flags as config only with --log_config, as kohya)."""
+    start_trackers(accelerator, tracker_options_from_args(args, project_name))

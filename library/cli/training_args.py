@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from library.cli.config import add_validator, learning_rate, positive_int
+from library.cli.start_args import add_start_position_arguments
 from library.models.loading import is_single_file
 from library.training.checkpoints import SINGLE_FILE_FORMATS, SaveSettings, TrainState
 from library.training.output_checks import OutputOptions
@@ -21,6 +22,7 @@ LOG_WITH_CHOICES: tuple[str, ...] = ("tensorboard", "wandb", "all")
 SAVE_MODEL_FORMATS: tuple[str, ...] = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
 SAVE_PRECISION_CHOICES: tuple[str, ...] = ("float", "fp16", "bf16")
 DEFAULT_LEARNING_RATE = 2e-6  # kohya's add_optimizer_arguments default
+DEFAULT_OUTPUT_NAME = "last"  # the saved model's name without --output_name
 
 
 def add_training_arguments(parser: argparse.ArgumentParser,
@@ -67,16 +69,17 @@ def add_training_arguments(parser: argparse.ArgumentParser,
     group.add_argument("--dynamo_backend", type=str, default="inductor",
                        help="torch.compile backend when --torch_compile is set")
     add_validator(parser, _check_full_precision)
-    add_validator(parser, _check_one_attention_backend)
+    add_validator(parser, _note_attention_precedence)
 
 
 def add_saving_arguments(parser: argparse.ArgumentParser,
                          model_formats: Sequence[str] = SAVE_MODEL_FORMATS,
-                         default_model_format: str | None = None) -> None:
+                         default_model_format: str | None = None, use_safetensors_flag: bool = False) -> None:
     """What is saved, in which format, and how often; and resuming from a saved state.
 
     The formats are parameters because a LoRA script saves files (ckpt/pt/safetensors, default safetensors)
-    while full fine-tunes also save diffusers folders (default: same format as the input model).
+    while full fine-tunes also save diffusers folders (default: same format as the input model);
+    ``use_safetensors_flag`` adds kohya's --use_safetensors (sdxl_train has it).
     """
     group = parser.add_argument_group("saving")
     group.add_argument("--save_model_as", type=str, choices=tuple(model_formats), default=default_model_format,
@@ -96,6 +99,19 @@ def add_saving_arguments(parser: argparse.ArgumentParser,
                        help="training state folder to resume from, or auto: the newest one in --output_dir")
     group.add_argument("--resume_ignore_changes", action="store_true",
                        help="resume even though the base model, network shape or dataset differ from the state's")
+    group.add_argument("--save_last_n_steps_state", type=int, default=None,
+                       help="keep only the state folders of the last N steps (default: --save_last_n_steps)")
+    group.add_argument("--save_last_n_epochs_state", type=int, default=None,
+                       help="keep only the last N epoch state folders (default: --save_last_n_epochs)")
+    group.add_argument("--save_n_epoch_ratio", type=int, default=None,
+                       help="save about N times over the run: sets --save_every_n_epochs to max(1, epochs // N), "
+                            "replacing a --save_every_n_epochs given too (as kohya)")
+    if use_safetensors_flag:
+        group.add_argument("--use_safetensors", action="store_true",
+                           help="save in safetensors: ckpt becomes safetensors and diffusers diffusers_safetensors. "
+                                "Without --save_model_as this trainer already saves safetensors (kohya would write "
+                                "a .ckpt for a single-file input), so then it changes nothing")
+    add_start_position_arguments(group, parser)
     group.add_argument("--overwrite", action="store_true",
                        help="replace files of an earlier run in --output_dir (checked at start-up; without it an "
                             "existing output is an error, except the run's own later saves when resuming it)")
@@ -113,24 +129,49 @@ def _check_full_precision(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _check_one_attention_backend(args: argparse.Namespace) -> str | None:
-    chosen = [f"--{name}" for name in ("xformers", "sdpa", "mem_eff_attn") if getattr(args, name, False)]
+# kohya's train_util.replace_unet_modules takes the first of these that is set (if/elif/elif).
+ATTENTION_PRECEDENCE = ("mem_eff_attn", "xformers", "sdpa")
+
+
+def attention_flag_in_use(args: argparse.Namespace) -> str | None:
+    """The attention flag the UNet uses: the first set one in kohya's order, or None (diffusers' default)."""
+    return next((name for name in ATTENTION_PRECEDENCE if getattr(args, name, False)), None)
+
+
+def _note_attention_precedence(args: argparse.Namespace) -> None:
+    """Several attention flags (kohya_ss GUI presets set mem_eff_attn next to xformers or sdpa): kohya runs with
+    the first in its order and so do we; a note names the one used instead of a refusal."""
+    chosen = [name for name in ATTENTION_PRECEDENCE if getattr(args, name, False)]
     if len(chosen) > 1:
-        return f"--xformers/--sdpa/--mem_eff_attn: pick one (got {' and '.join(chosen)})"
+        print(f"note: --{' and --'.join(chosen)} are set together: using --{chosen[0]} (kohya's order: "
+              "mem_eff_attn, then xformers, then sdpa)")
     return None
 
 
-def save_settings_from_args(args: argparse.Namespace, extension: str) -> SaveSettings:
-    """When and under which names the run saves, from the --save_* flags (0 and None both mean off)."""
-    output_name = args.output_name or "last"
+def save_settings_from_args(args: argparse.Namespace, extension: str, num_epochs: int | None = None) -> SaveSettings:
+    """When and under which names the run saves, from the --save_* flags (0 and None both mean off).
+
+    --save_n_epoch_ratio needs the run's epoch count: ``num_epochs`` once the plan is made, else
+    --max_train_epochs (before the plan, the start-up checks know epoch saves only with that flag)."""
+    output_name = args.output_name or DEFAULT_OUTPUT_NAME
     return SaveSettings(
         output_dir=Path(args.output_dir), output_name=output_name, extension=extension,
-        every_n_steps=args.save_every_n_steps or None, every_n_epochs=args.save_every_n_epochs or None,
+        every_n_steps=args.save_every_n_steps or None,
+        every_n_epochs=ratio_save_every_n_epochs(args, num_epochs or args.max_train_epochs) or args.save_every_n_epochs or None,
         last_n_steps=args.save_last_n_steps or None, last_n_epochs=args.save_last_n_epochs or None,
         save_state=bool(args.save_state), save_state_on_train_end=bool(args.save_state_on_train_end),
         last_n_steps_state=getattr(args, "save_last_n_steps_state", None) or None,
         last_n_epochs_state=getattr(args, "save_last_n_epochs_state", None) or None,
     )
+
+
+def ratio_save_every_n_epochs(args: argparse.Namespace, num_epochs: int | None) -> int | None:
+    """kohya's --save_n_epoch_ratio N: an epoch save every max(1, epochs // N) epochs (None: flag unset or
+    epoch count not known yet)."""
+    ratio = getattr(args, "save_n_epoch_ratio", None)
+    if not ratio or ratio <= 0 or not num_epochs:
+        return None
+    return max(1, num_epochs // ratio)
 
 
 def planned_extension(args: argparse.Namespace) -> str:
@@ -139,7 +180,14 @@ def planned_extension(args: argparse.Namespace) -> str:
     fmt = args.save_model_as
     if not fmt:
         fmt = "safetensors" if is_single_file(str(args.pretrained_model_name_or_path or "")) else "diffusers"
-    return SINGLE_FILE_FORMATS.get(fmt, "")
+    return SINGLE_FILE_FORMATS.get(with_use_safetensors(args, fmt), "")
+
+
+def with_use_safetensors(args: argparse.Namespace, save_format: str) -> str:
+    """kohya's --use_safetensors: a ckpt is written as safetensors, a diffusers folder with safetensors weights."""
+    if not getattr(args, "use_safetensors", False):
+        return save_format
+    return {"ckpt": "safetensors", "diffusers": "diffusers_safetensors"}.get(save_format, save_format)
 
 
 def output_options_from_args(args: argparse.Namespace) -> OutputOptions:
@@ -156,7 +204,13 @@ def output_options_from_args(args: argparse.Namespace) -> OutputOptions:
 
 def resume_from_args(args: argparse.Namespace, printer: Any = print) -> TrainState | None:
     """`prepare_resume` for these flags, its decision written back into the flags: ``--resume auto`` becomes the
-    folder found (or None), and --seed the state's, so what is logged and saved says what the run used."""
+    folder found (or None), and --seed the state's, so what is logged and saved says what the run used. With
+    --resume_from_huggingface the Hub state is downloaded first and --resume becomes its local folder."""
+    from library.cli.hub_args import hub_resume_folder
+
+    downloaded = hub_resume_folder(args)
+    if downloaded is not None:
+        args.resume = downloaded
     decision = prepare_resume(
         output_dir=getattr(args, "output_dir", None), output_name=getattr(args, "output_name", None),
         resume=getattr(args, "resume", None),

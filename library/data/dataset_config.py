@@ -7,10 +7,10 @@ applied (``library.data.dataset_config_chain``), so code downstream reads one pl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from library.data.captions import CaptionOptions
 
@@ -39,6 +39,11 @@ class SubsetConfig:
     color_aug: bool = False
     random_crop: bool = False
     alpha_mask: bool = False
+    resize_interpolation: str | None = None  # kohya's name of the resize filter; None: LANCZOS
+    # kohya's face-centred crop (min, max face scale) for files named <name>_<cx>_<cy>_<w>_<h>; without buckets only
+    face_crop_aug_range: tuple[float, float] | None = None
+    # kohya's free-form table for custom code (e.g. a custom loss), carried unchanged; not part of equality
+    custom_attributes: Mapping[str, Any] | None = field(default=None, compare=False)
     # Where this subset was declared, for error messages: "cfg.toml [[datasets]] #1 [[datasets.subsets]] #2".
     source: str = "command line"
 
@@ -61,6 +66,19 @@ class DatasetConfig:
     source: str = "command line"
     # Loss weight of is_reg subsets; a command-line flag only (kohya has no dataset key for it).
     prior_loss_weight: float = 1.0
+
+
+def parse_face_crop_range(value: str | Sequence[float]) -> tuple[float, float]:
+    """`"2.0,4.0"` or `[2.0, 4.0]` -> (2.0, 4.0): two positive numbers. Raises ValueError with a message that
+    completes "face_crop_aug_range = <value> ..."."""
+    parts: Sequence[Any] = value.split(",") if isinstance(value, str) else value
+    try:
+        numbers = tuple(float(p) for p in parts if not isinstance(p, bool))
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 2 or len(parts) != 2 or min(numbers) <= 0:
+        raise ValueError("is not two positive numbers 'MIN,MAX' (e.g. 2.0,4.0)")
+    return numbers[0], numbers[1]
 
 
 def parse_resolution(value: str | int | Sequence[int]) -> tuple[int, int]:

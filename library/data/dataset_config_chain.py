@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from library.data.captions import CaptionOptions
 from library.data.dataset_config import DatasetConfig, DatasetConfigError, DatasetKind, SubsetConfig
+from library.data.images import RESIZE_FILTERS
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ SUBSET_KEYS: dict[str, str] = {
     "random_crop": "bool",
     "caption_extension": "str",
     "class_tokens": "str",
+    "resize_interpolation": "str",
+    "face_crop_aug_range": "face_range",
+    "custom_attributes": "table",
 }
 """Subset settings that may also be given in [[datasets]] or [general] as a default for its subsets."""
 
@@ -82,10 +86,12 @@ SUBSET_ONLY_KEYS: dict[str, str] = {
 
 PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
 # kohya keys we recognise but do not implement yet: rejected with that reason rather than as typos.
-UNSUPPORTED_KEYS = frozenset({"network_multiplier", "resize_interpolation", "face_crop_aug_range", "custom_attributes",
+UNSUPPORTED_KEYS = frozenset({"network_multiplier",
                                "cache_info"})
 # Extra words for some of them.
 UNSUPPORTED_HINTS: dict[str, str] = {
+    "network_multiplier": " (kohya's per-dataset multiplier of the trained LoRA; here every dataset trains at "
+                          "multiplier 1.0: put datasets that need another multiplier in a separate run)",
     "cache_info": " (kohya's metadata_cache.json; start-up here reads only image headers, which is fast, and "
                   "--cache_latents_to_disk caches the latents)",
 }
@@ -166,9 +172,9 @@ def build_dataset(kind: DatasetKind | None, subset_kinds: Sequence[DatasetKind],
         problems.add(f"{source}: min_bucket_reso = {resolved['min_bucket_reso']} (from {origins['min_bucket_reso']}) "
                      f"is larger than max_bucket_reso = {resolved['max_bucket_reso']} "
                      f"(from {origins['max_bucket_reso']})")
-    if not 0.0 <= resolved["validation_split"] < 1.0:
+    if not 0.0 <= resolved["validation_split"] <= 1.0:
         problems.add(f"{origins['validation_split']}: validation_split = {resolved['validation_split']} "
-                     "must be in [0, 1)")
+                     "must be in [0, 1]")
 
     subsets: list[SubsetConfig] = []
     seen: dict[Path, str] = {}
@@ -190,6 +196,8 @@ def build_dataset(kind: DatasetKind | None, subset_kinds: Sequence[DatasetKind],
 
     if kind is None or len(problems.messages) > before:
         return None
+    if resolved["enable_bucket"]:  # kohya crops around faces only without buckets
+        subsets = [replace(s, face_crop_aug_range=None) for s in subsets]
     return DatasetConfig(kind=kind, subsets=tuple(subsets), source=source, **resolved)
 
 
@@ -229,9 +237,13 @@ def _build_subset(kind: DatasetKind, chain: Sequence[ConfigLayer], problems: Con
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for key in ("num_repeats", "is_reg", "class_tokens", "caption_extension", "flip_aug", "color_aug",
-                "random_crop", "alpha_mask", *PATH_KEYS):
+                "random_crop", "alpha_mask", "resize_interpolation", "face_crop_aug_range", "custom_attributes",
+                *PATH_KEYS):
         values[key], origins[key] = _lookup(key, chain, defaults[key])
 
+    if values["resize_interpolation"] is not None and values["resize_interpolation"] not in RESIZE_FILTERS:
+        problems.add(f"{origins['resize_interpolation']}: resize_interpolation = {values['resize_interpolation']!r} "
+                     f"is not one of {', '.join(RESIZE_FILTERS)}")
     if values["num_repeats"] < 1:
         problems.add(f"{origins['num_repeats']}: num_repeats = {values['num_repeats']} must be >= 1")
     if kind == "controlnet" and values["random_crop"]:
@@ -276,6 +288,9 @@ def _build_subset(kind: DatasetKind, chain: Sequence[ConfigLayer], problems: Con
         color_aug=values["color_aug"],
         random_crop=values["random_crop"],
         alpha_mask=values["alpha_mask"],
+        resize_interpolation=values["resize_interpolation"],
+        face_crop_aug_range=values["face_crop_aug_range"],
+        custom_attributes=values["custom_attributes"],
         source=subset_where,
     )
 

@@ -23,6 +23,7 @@ from library.data.dataset_config import (
     DatasetConfig,
     DatasetConfigError,
     DatasetKind,
+    parse_face_crop_range,
     parse_resolution,
 )
 from library.data.dataset_config_chain import (
@@ -236,6 +237,10 @@ def _convert(kind: str, raw: Any) -> Any:
     """A TOML/JSON value checked against its key's type; the ValueError message completes 'key = value ...'."""
     if kind == "resolution":
         return parse_resolution(raw) if not isinstance(raw, str) else reject(raw, "an integer or [width, height]")
+    if kind == "face_range":
+        return parse_face_crop_range(raw)
+    if kind == "table":
+        return dict(raw) if isinstance(raw, dict) else reject(raw, "a table, e.g. {key = \"value\"}")
     return check_kind(kind, raw)
 
 

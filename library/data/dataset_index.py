@@ -212,7 +212,8 @@ def split_for_validation(index: DatasetIndex) -> tuple[DatasetIndex, DatasetInde
 
     Per dataset, the non-regularisation images are shuffled with ``validation_seed`` (0 when unset); the
     first ceil(n * (1 - split)) train and the rest validate. Regularisation images always train.
-    Validation samples count once (no repeats). None when no dataset asks for a split.
+    Validation samples count once (no repeats). None when no dataset asks for a split. A split of 1.0
+    validates on every image; kohya would then leave nothing to train, so here they all train as well.
     """
     if not any(d.validation_split > 0 for d in index.datasets):
         return index, None
@@ -228,6 +229,6 @@ def split_for_validation(index: DatasetIndex) -> tuple[DatasetIndex, DatasetInde
         order = list(regular)
         random.Random(dataset.validation_seed or 0).shuffle(order)
         cut = math.ceil(len(order) * (1 - dataset.validation_split))
-        train += order[:cut]
+        train += order[:cut] if cut else order  # 1.0: the whole set validates and trains
         validation += [replace(r, num_repeats=1) for r in order[cut:]]
     return replace(index, records=tuple(train)), replace(index, records=tuple(validation))

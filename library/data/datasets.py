@@ -48,6 +48,8 @@ from library.data.images import (
     load_rgb,
     mask_to_tensor,
     plan_crop,
+    plan_face_crop,
+    face_in_file_name,
     to_tensor,
 )
 from library.data.records import DatasetIndex, ImageRecord
@@ -248,8 +250,14 @@ def load_sample_pixels(record: ImageRecord, rng: random.Random, conditioning_fil
         raise ValueError(f"{record.image_path}: no bucket assigned")
     subset = record.subset
     loaded = load_image(record.image_path, keep_alpha=subset.alpha_mask)
-    plan = plan_crop(loaded.rgb.size, record.bucket.bucket, random_crop=subset.random_crop,
-                     flip_aug=subset.flip_aug, rng=rng)
+    face = face_in_file_name(record.image_path) if subset.face_crop_aug_range else None
+    if face is not None and subset.face_crop_aug_range is not None:
+        plan = plan_face_crop(loaded.rgb.size, record.bucket.bucket, face=face, aug_range=subset.face_crop_aug_range,
+                              random_crop=subset.random_crop, flip_aug=subset.flip_aug, rng=rng,
+                              interpolation=subset.resize_interpolation)
+    else:
+        plan = plan_crop(loaded.rgb.size, record.bucket.bucket, random_crop=subset.random_crop,
+                         flip_aug=subset.flip_aug, rng=rng, interpolation=subset.resize_interpolation)
     image = apply_crop_plan(loaded.rgb, plan)
     cond = conditioning_image(record, plan, conditioning_filter, cropped_target=image)
     if subset.color_aug:
@@ -267,7 +275,7 @@ def load_sample_latents(record: ImageRecord, cache: LatentCache, rng: random.Ran
     if record.bucket is None:
         raise ValueError(f"{record.image_path}: no bucket assigned")
     plan = plan_crop(record.image_size, record.bucket.bucket, random_crop=False, flip_aug=record.subset.flip_aug,
-                     rng=rng)
+                     rng=rng, interpolation=record.subset.resize_interpolation)
     return cache.load(record, flipped=plan.flipped), plan, conditioning_image(record, plan, conditioning_filter)
 
 

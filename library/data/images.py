@@ -71,6 +71,14 @@ from library.data.metadata import IMAGE_EXTENSIONS  # one list for every reader 
 from library.io import atomic_write_file
 
 RESAMPLE = Image.Resampling.LANCZOS
+# kohya's --resize_interpolation names -> PIL filters (kohya uses cv2 for some; PIL's antialiased BOX is the
+# pixel-area average cv2's INTER_AREA computes when shrinking). None: LANCZOS, see above.
+RESIZE_FILTERS: dict[str, Image.Resampling] = {
+    "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX, "box": Image.Resampling.BOX,
+}
 HUE_JITTER_DEGREES = 8.0
 BRIGHTNESS_JITTER = 0.1
 
@@ -332,6 +340,7 @@ class CropPlan:
     crop_left_top: Size  # (left, top) in the resized image, before any flip
     bucket: Size
     flipped: bool
+    interpolation: str | None = None  # a RESIZE_FILTERS name; None: LANCZOS
 
     @property
     def original_size_hw(self) -> tuple[int, int]:
@@ -350,7 +359,8 @@ class CropPlan:
 
 
 def plan_crop(
-    image_size: Size, bucket: Size, *, random_crop: bool, flip_aug: bool, rng: random.Random
+    image_size: Size, bucket: Size, *, random_crop: bool, flip_aug: bool, rng: random.Random,
+    interpolation: str | None = None,
 ) -> CropPlan:
     """Decide the resize, crop and flip for one draw of an image (rng: the sample's seeded generator).
 
@@ -367,7 +377,50 @@ def plan_crop(
         crop_left_top=left_top,
         bucket=(bucket[0], bucket[1]),
         flipped=flipped,
+        interpolation=interpolation,
     )
+
+
+def face_in_file_name(path: Path) -> tuple[int, int, int, int] | None:
+    """kohya's face position in a file name, ``<name>_<cx>_<cy>_<w>_<h>.png`` (pixels of the original image),
+    or None when the name does not end with four integers or the centre x is 0 (kohya: no face)."""
+    tokens = path.stem.split("_")
+    if len(tokens) < 5 or not all(t.isdigit() for t in tokens[-4:]):
+        return None
+    cx, cy, w, h = (int(t) for t in tokens[-4:])
+    return (cx, cy, w, h) if cx > 0 and max(w, h) > 0 else None
+
+
+def plan_face_crop(image_size: Size, bucket: Size, *, face: tuple[int, int, int, int], aug_range: tuple[float, float],
+                   random_crop: bool, flip_aug: bool, rng: random.Random, interpolation: str | None = None) -> CropPlan:
+    """kohya's --face_crop_aug_range crop: scale the image so the face's longer side is between
+    ``bucket_short_side / aug_range[1]`` and ``/ aug_range[0]`` (never above 1, never below covering the
+    bucket), then cut the bucket centred on the face (random_crop: shifted at random to show more background;
+    a range that is not one value: jittered by up to 1/20 of the face size for faces of 40 px and more)."""
+    width, height = image_size
+    bucket_w, bucket_h = bucket
+    cx, cy, face_w, face_h = face
+    face_size = max(face_w, face_h)
+    short = min(bucket_w, bucket_h)
+    cover = max(bucket_h / height, bucket_w / width)
+    min_scale = min(1.0, max(cover, short / (face_size * aug_range[1])))
+    max_scale = min(1.0, max(min_scale, short / (face_size * aug_range[0])))
+    scale = min_scale if min_scale >= max_scale else rng.uniform(min_scale, max_scale)
+    scale = max(scale, cover)  # an image smaller than the bucket is enlarged to cover it (kohya stops there)
+    resized = (max(bucket_w, int(width * scale + 0.5)), max(bucket_h, int(height * scale + 0.5)))
+    offsets = []
+    for target, length, centre in ((bucket_h, resized[1], int(cy * scale + 0.5)),
+                                   (bucket_w, resized[0], int(cx * scale + 0.5))):
+        start = centre - target // 2
+        if random_crop:
+            spread = max(length - centre, centre)
+            start += rng.randint(0, spread) + rng.randint(0, spread) - spread
+        elif aug_range[0] != aug_range[1] and face_size > short // 10 and face_size >= 40:
+            start += rng.randint(-face_size // 20, face_size // 20)
+        offsets.append(max(0, min(start, length - target)))
+    flipped = flip_aug and rng.random() < 0.5
+    return CropPlan(original_size=(width, height), resized_size=resized, crop_left_top=(offsets[1], offsets[0]),
+                    bucket=(bucket_w, bucket_h), flipped=flipped, interpolation=interpolation)
 
 
 def apply_crop_plan(image: Image.Image, plan: CropPlan) -> Image.Image:
@@ -380,7 +433,7 @@ def apply_crop_plan(image: Image.Image, plan: CropPlan) -> Image.Image:
     if image.size != plan.original_size:
         raise ValueError(f"image size {image.size} differs from the planned original size {plan.original_size}")
     if image.size != plan.resized_size:
-        image = image.resize(plan.resized_size, RESAMPLE)
+        image = image.resize(plan.resized_size, RESIZE_FILTERS.get(plan.interpolation or "", RESAMPLE))
     left, top = plan.crop_left_top
     image = image.crop((left, top, left + plan.bucket[0], top + plan.bucket[1]))
     if plan.flipped:

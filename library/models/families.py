@@ -92,9 +92,17 @@ class ModelFamily:
     controlnet_pipeline_class: str
     pipeline_options: tuple[tuple[str, Any], ...]  # constructor arguments besides the components
     vae_overflow_hint: str = ""  # appended when the VAE produces NaN/inf latents
+    # ModelSpec's name for the family's epsilon-prediction release when it differs (SD 2.x-base at 512 px)
+    modelspec_architecture_epsilon: str = ""
 
     def __repr__(self) -> str:
         return f"ModelFamily({self.name})"
+
+    def modelspec_base_architecture(self, v_prediction: bool) -> str:
+        """ModelSpec's modelspec.architecture of a base model of this family that predicts v or epsilon."""
+        if v_prediction or not self.modelspec_architecture_epsilon:
+            return self.modelspec_architecture
+        return self.modelspec_architecture_epsilon
 
     def standard_configs(self) -> dict[str, dict[str, Any]]:
         """Component configs of the official release (SD 1.5, SD 2.1 768-v, SDXL 1.0 base)."""
@@ -149,7 +157,7 @@ SD2 = ModelFamily(
     size_conditioning=False, single_file_markers=("cond_stage_model.model.",),
     kohya_blocks=SD1.kohya_blocks, lora_names_from_ldm=False, controlnet_file_in_ldm_layout=True,
     pipeline_class=SD1.pipeline_class, controlnet_pipeline_class=SD1.controlnet_pipeline_class,
-    pipeline_options=SD1.pipeline_options,
+    pipeline_options=SD1.pipeline_options, modelspec_architecture_epsilon="stable-diffusion-v2-512",
 )
 SDXL = ModelFamily(
     name="sdxl", cli_name="sdxl", aliases=("sdxl", "xl"), title="SDXL",

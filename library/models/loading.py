@@ -229,14 +229,16 @@ def _load_text_encoder(cls: type, folder: Path, subfolder: str, kwargs: dict[str
 # single files
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a `.safetensors` file or a pickled checkpoint (weights_only=True)."""
+def read_checkpoint(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a `.safetensors` file or a pickled checkpoint (weights_only=True);
+    ``mmap=False`` reads a .safetensors file whole into memory instead of memory-mapping it."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load, load_file
 
         try:
-            return load_file(str(path)), read_safetensors_metadata(path)
+            tensors = load_file(str(path)) if mmap else load(path.read_bytes())
+            return tensors, read_safetensors_metadata(path)
         except Exception as error:  # noqa: BLE001 - the message names the file, that is what the user needs
             raise ModelLoadError(f"{path} could not be read as a safetensors file ({error})") from error
     try:
@@ -256,14 +258,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_single_file(path: str | os.PathLike, family: str | None = None, model_config: str | None = None,
-                     prediction_type: str | None = None) -> StableDiffusionModel:
+                     prediction_type: str | None = None, mmap: bool = True) -> StableDiffusionModel:
     """Build a model from an A1111/ComfyUI-style checkpoint.
 
     Configs come from, in order: ``model_config`` (a diffusers folder), the configs our own writer stored
     in the file's metadata, or the built-in standard config of the detected family.
     """
     path = Path(path)
-    state_dict, metadata = read_checkpoint(path)
+    state_dict, metadata = read_checkpoint(path, mmap=mmap)
     fam = detect_family_of_keys(state_dict)
     if fam is None:
         raise ModelLoadError(
@@ -346,7 +348,7 @@ def save_single_file(model: StableDiffusionModel, path: str | os.PathLike, dtype
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     meta = {CONFIG_METADATA_KEY: json.dumps(model.configs()), "modelspec.architecture": model.family.modelspec_architecture}
     meta.update(metadata or {})
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         atomic_save_safetensors(state_dict, path, meta)
     else:
         from library.io import atomic_torch_save
@@ -387,8 +389,10 @@ def _module_te_keys(weights: dict[str, torch.Tensor], module: torch.nn.Module) -
 
 
 def load_model(path: str | os.PathLike, family: str | None = None, vae: str | None = None,
-               model_config: str | None = None, prediction_type: str | None = None) -> StableDiffusionModel:
-    """Load a diffusers folder or a single file; ``vae`` replaces the VAE (a file or a folder)."""
+               model_config: str | None = None, prediction_type: str | None = None,
+               mmap: bool = True) -> StableDiffusionModel:
+    """Load a diffusers folder or a single file; ``vae`` replaces the VAE (a file or a folder).
+    ``mmap=False`` reads a single .safetensors file whole instead of memory-mapping it (faster on WSL)."""
     p = Path(path)
     if not p.exists():
         hint = ""
@@ -406,7 +410,7 @@ def load_model(path: str | os.PathLike, family: str | None = None, vae: str | No
         if prediction_type is not None and prediction_type != model.prediction_type:
             model.scheduler = EulerDiscreteScheduler.from_config(model.scheduler.config, prediction_type=prediction_type)
     elif is_single_file(p):
-        model = load_single_file(p, family, model_config, prediction_type)
+        model = load_single_file(p, family, model_config, prediction_type, mmap=mmap)
     else:
         raise ModelLoadError(f"{p} is neither a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     if vae is not None:

@@ -11,6 +11,11 @@ This is exactly what kohya feeds the UNet (so LoRAs trained here and there see t
 built directly instead of "tokenize to n*75+2, slice, then patch the slices": kohya's patch-ups look for
 pad ids, and SD2 / SDXL-TE2 pad with id 0, which is also the id of a real "!" token in the caption.
 
+With ``--weighted_captions`` (``PromptEncoder(weighted=True)``) the captions' A1111 emphasis ``(word:1.3)`` is
+parsed (library/models/prompt_weights.py) and each token's merged hidden state is multiplied by its weight,
+as kohya v0.10's ``encode_tokens_with_weights`` does: no mean rescaling (kohya's pre-0.9 training path and
+A1111 rescale; kohya's strategies, which its training uses now, do not), SDXL's pooled vector unweighted.
+
 Every chunk of every prompt goes through the encoder in one batched call. Nothing here holds state; the
 functions run under ``torch.no_grad`` or with grad (text-encoder training) on the encoders' device/dtype.
 """
@@ -25,6 +30,7 @@ from torch import nn
 
 from library.models.clip_tokenizer import EOS_ID
 from library.models.families import FamilyName, ModelFamily, resolve_family
+from library.models.prompt_weights import token_weights
 
 CHUNK_TOKENS = 75  # caption tokens per 77-position CLIP window
 CHUNK_LENGTH = CHUNK_TOKENS + 2
@@ -59,12 +65,35 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_token_length: int = 
     n = chunk_count(max_token_length)
     if isinstance(prompts, str):
         raise TypeError("tokenize_prompts takes a list of prompts, not a single string")
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     if not prompts:
         return torch.empty((0, n, CHUNK_LENGTH), dtype=torch.long)
     content = tokenizer(
         list(prompts), add_special_tokens=False, truncation=True, max_length=n * CHUNK_TOKENS
     )["input_ids"]
+    return _lay_out_chunks(tokenizer, content, n)
+
+
+def tokenize_weighted_prompts(tokenizer, prompts: Sequence[str], max_token_length: int = 75
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--weighted_captions``: ids as ``tokenize_prompts`` lays them out, of the captions with their A1111
+    emphasis syntax parsed away, and float32 weights of the same shape (B, n, 77): each caption token's weight
+    at its position in its chunk (a weighted word past token 75 lands in chunk 1), 1.0 at BOS, EOS and PAD."""
+    n = chunk_count(max_token_length)
+    if isinstance(prompts, str):
+        raise TypeError("tokenize_weighted_prompts takes a list of prompts, not a single string")
+    parsed = [token_weights(tokenizer, prompt, n * CHUNK_TOKENS) for prompt in prompts]
+    ids = _lay_out_chunks(tokenizer, [tokens for tokens, _ in parsed], n)
+    weights = torch.ones(ids.shape, dtype=torch.float32)
+    for b, (_, token_weight) in enumerate(parsed):
+        for k in range(n):
+            part = token_weight[k * CHUNK_TOKENS : (k + 1) * CHUNK_TOKENS]
+            weights[b, k, 1 : 1 + len(part)] = torch.tensor(part, dtype=torch.float32)
+    return ids, weights
+
+
+def _lay_out_chunks(tokenizer, content: Sequence[Sequence[int]], n: int) -> torch.Tensor:
+    """Caption token ids (at most n*75 each) -> (B, n, 77): per chunk BOS, its tokens, EOS, then PAD."""
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     ids = torch.full((len(content), n, CHUNK_LENGTH), pad, dtype=torch.long)
     ids[:, :, 0] = bos
     for b, tokens in enumerate(content):
@@ -87,6 +116,23 @@ def merge_chunks(chunk_states: torch.Tensor, n: int) -> torch.Tensor:
     states = chunk_states.reshape(rows // n, n, CHUNK_LENGTH, dim)
     middle = states[:, :, 1 : 1 + CHUNK_TOKENS].reshape(rows // n, n * CHUNK_TOKENS, dim)
     return torch.cat([states[:, 0, :1], middle, states[:, -1, -1:]], dim=1)
+
+
+def merge_chunk_weights(weights: torch.Tensor) -> torch.Tensor:
+    """(B, n, 77) per-chunk token weights -> (B, n*75+2), aligned with ``merge_chunks``' positions (1.0 at the
+    BOS and last positions, which never carry a caption token)."""
+    ones = weights.new_ones((weights.shape[0], 1))
+    return torch.cat([ones, weights[:, :, 1 : 1 + CHUNK_TOKENS].reshape(weights.shape[0], -1), ones], dim=1)
+
+
+def _weighted(states: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Merged states (B, n*75+2, D) times each position's weight; ``states`` itself when unweighted."""
+    if weights is None:
+        return states
+    merged = merge_chunk_weights(weights).to(device=states.device, dtype=states.dtype)
+    if merged.shape != states.shape[:2]:
+        raise ValueError(f"weights {tuple(weights.shape)} do not match states {tuple(states.shape)}")
+    return states * merged.unsqueeze(-1)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -114,13 +160,15 @@ def _flat(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
     return tokens.reshape(-1, CHUNK_LENGTH), tokens.shape[1]
 
 
-def encode_sd(text_encoder: nn.Module, tokens: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+def encode_sd(text_encoder: nn.Module, tokens: torch.Tensor, clip_skip: int | None = None, *,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """SD1 / SD2 hidden states (B, n*75+2, D): the last layer, or ``hidden_states[-clip_skip]``, final LN applied.
 
     SD2: diffusers' SD2 text encoder stores only 23 of OpenCLIP-H's 24 layers, so its last hidden state
     (with final LN) already IS the original model's penultimate layer, which is what SD2 was trained on
     (diffusers' StableDiffusionPipeline uses it the same way). ``clip_skip`` counts from there as for SD1.
     ``clip_skip`` None or 1 is the last layer; k >= 2 is kohya's / A1111's "CLIP skip k".
+    ``weights`` (B, n, 77), from ``tokenize_weighted_prompts``, scale each token's state.
     """
     ids, n = _flat(tokens)
     ids = ids.to(_device(text_encoder))
@@ -133,7 +181,7 @@ def encode_sd(text_encoder: nn.Module, tokens: torch.Tensor, clip_skip: int | No
                 f"clip_skip must be between 1 and {len(layers) - 1} for this text encoder, got {clip_skip}"
             )
         states = _final_layer_norm(text_encoder)(layers[-clip_skip])
-    return merge_chunks(states, n)
+    return _weighted(merge_chunks(states, n), weights)
 
 
 def encode_sdxl(
@@ -142,6 +190,8 @@ def encode_sdxl(
     tokens_1: torch.Tensor,
     tokens_2: torch.Tensor,
     eos_token_id: int = EOS_ID,
+    *,
+    weights: Sequence[torch.Tensor] | None = None,
 ) -> EncodedPrompts:
     """SDXL: penultimate layers of both encoders (no final LN) concatenated, plus TE2's pooled vector.
 
@@ -149,6 +199,7 @@ def encode_sdxl(
     no EOS), through ``text_projection``. Text past token 75 therefore never reaches the pooled vector (as
     in kohya). HF's own pooling is not used: with an old config (eos_token_id == 2) it takes the argmax of
     the ids, which picks a textual-inversion token whose id exceeds EOS.
+    ``weights``: one (B, n, 77) tensor per encoder, scaling its own tokens' states (not the pooled vector).
     """
     ids_1, n = _flat(tokens_1)
     ids_2, n_2 = _flat(tokens_2)
@@ -156,8 +207,9 @@ def encode_sdxl(
         raise ValueError(f"token shapes differ: {tuple(tokens_1.shape)} vs {tuple(tokens_2.shape)}")
     out_1 = text_encoder_1(ids_1.to(_device(text_encoder_1)), output_hidden_states=True)
     out_2 = text_encoder_2(ids_2.to(_device(text_encoder_2)), output_hidden_states=True)
-    hidden_1 = merge_chunks(out_1.hidden_states[-2], n)
-    hidden_2 = merge_chunks(out_2.hidden_states[-2], n)
+    weights_1, weights_2 = weights if weights is not None else (None, None)
+    hidden_1 = _weighted(merge_chunks(out_1.hidden_states[-2], n), weights_1)
+    hidden_2 = _weighted(merge_chunks(out_2.hidden_states[-2], n), weights_2)
     hidden = torch.cat([hidden_1, hidden_2.to(hidden_1.device)], dim=-1)
 
     first_chunks = ids_2[::n].to(out_2.last_hidden_state.device)  # chunk 0 of every prompt
@@ -176,19 +228,24 @@ def encode_tokens(
     tokens: Sequence[torch.Tensor],
     clip_skip: int | None = None,
     eos_token_id: int = EOS_ID,
+    *,
+    weights: Sequence[torch.Tensor] | None = None,
 ) -> EncodedPrompts:
     """Encode per-tokenizer ids of shape (B, n, 77) for ``family`` (one tensor per text encoder): one encoder
-    read at ``clip_skip``, or (a family whose UNet also takes the pooled text) SDXL's pair."""
+    read at ``clip_skip``, or (a family whose UNet also takes the pooled text) SDXL's pair. ``weights``: None,
+    or one (B, n, 77) tensor of token weights per tokenizer (``tokenize_weighted_prompts``)."""
     fam = resolve_family(family)
-    if len(text_encoders) != len(fam.text_encoders) or len(tokens) != len(fam.text_encoders):
+    if len(text_encoders) != len(fam.text_encoders) or len(tokens) != len(fam.text_encoders) \
+            or (weights is not None and len(weights) != len(fam.text_encoders)):
         raise ValueError(f"{fam.name} has {_ENCODER_COUNTS[len(fam.text_encoders)]}")
     if not fam.size_conditioning:
-        return EncodedPrompts(hidden_states=encode_sd(text_encoders[0], tokens[0], clip_skip))
+        return EncodedPrompts(hidden_states=encode_sd(text_encoders[0], tokens[0], clip_skip,
+                                                      weights=None if weights is None else weights[0]))
     if clip_skip not in (None, 2):
         raise ValueError(
             "SDXL always uses the penultimate layer of both text encoders; clip_skip must be unset (or 2)"
         )
-    return encode_sdxl(text_encoders[0], text_encoders[1], tokens[0], tokens[1], eos_token_id)
+    return encode_sdxl(text_encoders[0], text_encoders[1], tokens[0], tokens[1], eos_token_id, weights=weights)
 
 
 _ENCODER_COUNTS = {1: "one text encoder and one tokenizer", 2: "two text encoders and two tokenizers"}
@@ -196,13 +253,17 @@ _ENCODER_COUNTS = {1: "one text encoder and one tokenizer", 2: "two text encoder
 
 @dataclass
 class PromptEncoder:
-    """The tokenizers and text encoders of one model, with its long-prompt and clip-skip settings."""
+    """The tokenizers and text encoders of one model, with its long-prompt and clip-skip settings.
+
+    ``weighted``: kohya's ``--weighted_captions``; ``encode`` parses A1111 emphasis and weights the tokens.
+    """
 
     family: FamilyName
     tokenizers: Sequence
     text_encoders: Sequence[nn.Module]
     max_token_length: int = 75
     clip_skip: int | None = None
+    weighted: bool = False
 
     def __post_init__(self) -> None:
         chunk_count(self.max_token_length)
@@ -214,9 +275,18 @@ class PromptEncoder:
         """One (B, n, 77) id tensor per tokenizer (what a text-embedding cache would key on)."""
         return [tokenize_prompts(t, prompts, self.max_token_length) for t in self.tokenizers]
 
-    def encode_tokens(self, tokens: Sequence[torch.Tensor]) -> EncodedPrompts:
+    def tokenize_with_weights(self, prompts: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per tokenizer: the ids of the prompts with emphasis parsed away, and their (B, n, 77) token weights."""
+        pairs = [tokenize_weighted_prompts(t, prompts, self.max_token_length) for t in self.tokenizers]
+        return [ids for ids, _ in pairs], [weights for _, weights in pairs]
+
+    def encode_tokens(self, tokens: Sequence[torch.Tensor], *,
+                      weights: Sequence[torch.Tensor] | None = None) -> EncodedPrompts:
         eos = self.tokenizers[-1].eos_token_id
-        return encode_tokens(self.family, self.text_encoders, tokens, self.clip_skip, eos)
+        return encode_tokens(self.family, self.text_encoders, tokens, self.clip_skip, eos, weights=weights)
 
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
-        return self.encode_tokens(self.tokenize(prompts))
+        if not self.weighted:
+            return self.encode_tokens(self.tokenize(prompts))
+        tokens, weights = self.tokenize_with_weights(prompts)
+        return self.encode_tokens(tokens, weights=weights)

@@ -184,18 +184,22 @@ def check_xformers(options: AcceleratorOptions) -> None:
                           "(built for your torch version), or use --sdpa") from error
 
 
-def resolve_log_with(options: AcceleratorOptions) -> str | None:
-    """--log_with, defaulting to tensorboard when only --logging_dir is given (kohya's rule)."""
+def resolve_log_with(options: AcceleratorOptions) -> list[str] | None:
+    """The trackers --log_with names, tensorboard when only --logging_dir is given (kohya's rule).
+
+    ``all`` is kohya's "TensorBoard and wandb", spelled out: accelerate's own "all" would also start any other
+    tracker package that happens to be installed (mlflow, comet_ml, ...).
+    """
     log_with = options.log_with
     if log_with is None:
-        return "tensorboard" if options.logging_dir is not None else None
+        return ["tensorboard"] if options.logging_dir is not None else None
     if log_with in ("tensorboard", "all") and options.logging_dir is None:
         raise ValueError(f"--log_with {log_with} needs --logging_dir (where the TensorBoard events go)")
-    if log_with == "wandb":
+    if log_with in ("wandb", "all"):
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
-            raise ImportError("--log_with wandb needs the wandb package: pip install wandb")
-    return log_with
+            raise ImportError(f"--log_with {log_with} needs the wandb package: pip install wandb")
+    return ["tensorboard", "wandb"] if log_with == "all" else [log_with]
 
 
 def log_run_dir(logging_dir: str | os.PathLike, log_prefix: str | None, now: time.struct_time) -> Path:

@@ -37,7 +37,11 @@ SCHEDULE_SETTINGS = ("learning_rate", "unet_lr", "text_encoder_lr", "learning_ra
 MODEL_FAMILY = "model_family"
 _NOT_COMPARED = {MODEL_FAMILY, "resume", "resume_ignore_changes", "output_dir", "output_name", "config_file",
                  "output_config",
-                 "logging_dir", "log_prefix", "log_tracker_name", "overwrite"}
+                 "logging_dir", "log_prefix", "log_tracker_name", "overwrite",
+                 "wandb_run_name", "log_config", "log_tracker_config", "console_log_level",
+                 "console_log_file", "console_log_simple",
+                 "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
+                 "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload"}
 _PATH_SETTINGS = {"pretrained_model_name_or_path", "vae", "controlnet_model_name_or_path", "train_data_dir",
                   "in_json", "dataset_config", "reg_data_dir", "conditioning_data_dir"}
 

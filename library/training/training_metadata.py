@@ -1,7 +1,8 @@
 """The ``ss_*`` metadata kohya writes into trained files, which A1111's and ComfyUI's LoRA browsers show.
 
 All values are strings (safetensors metadata is str -> str). With ``--no_metadata`` only the keys a
-loader needs to understand the file remain (kohya's SS_METADATA_MINIMUM_KEYS).
+loader needs to understand the file remain (kohya's SS_METADATA_MINIMUM_KEYS). The ``modelspec.*`` keys
+every saved file carries, with or without ``--no_metadata``, come from library.models.model_spec.
 """
 
 from __future__ import annotations
@@ -128,11 +129,6 @@ def training_metadata(flags: MetadataFlags, *, family: ModelFamily, session_id: 
         "ss_datasets": json.dumps(dataset_summary),
         "ss_tag_frequency": json.dumps(tag_freq),
         "ss_bucket_info": json.dumps(bucket_info),
-        "modelspec.architecture": family.modelspec_architecture + "/lora",
-        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
-        "modelspec.title": flags.output_name,
-        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
     }
     return {k: str(v) for k, v in values.items() if v is not None}
 
