@@ -33,6 +33,19 @@ def test_quick_start_installs_the_project_itself() -> None:
         assert "sys.path" not in text and "os.environ.setdefault" not in text, path
 
 
+def test_tools_run_from_the_root_with_no_path_set_up() -> None:
+    """As a user runs them after `pip install -e .`: ``python tools/x.py`` puts tools/ first on sys.path, not the
+    root, so ``library``, ``networks`` and the entry scripts must come from the install (the demo once failed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for script in ("tools/demo.py", "networks/merge_lora.py", "tools/make_tiny_model.py"):
+        result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.returncode == 0 and "usage:" in result.stdout, script + result.stderr[-2000:]
+
+
 def test_quick_start_scripts_exist() -> None:
     for command in quick_start_commands():
         for script in re.findall(r"python (\S+\.py)", command):
