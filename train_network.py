@@ -34,7 +34,7 @@ from library.data.datasets import Batch
 from library.models.model_spec import ModelSpec, fill_in_hash
 from library.training.loop import Callback
 from library.training.training_metadata import per_save_metadata, tag_frequency, training_metadata
-from networks.merge_lora import merge_into_model
+from networks.lora import merge_into_model
 from networks.plugin import NetworkModule, NetworkOptions, build_network, import_network_module
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:

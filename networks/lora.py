@@ -181,3 +181,16 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     return adapter_network_from_weights(LoRANetwork, multiplier=multiplier, file=file, text_encoder=text_encoder,
                                         unet=unet, weights_sd=weights_sd, for_inference=for_inference,
                                         clip_skip=clip_skip, kwargs=kwargs)
+
+
+def merge_into_model(model: Any, files: list[str], ratios: list[float],
+                     merge_dtype: torch.dtype = torch.float32) -> None:
+    """Bake each LoRA file into ``model`` (a library.models.loading.StableDiffusionModel) at its ratio: what
+    merge_lora.py --sd_model writes and what train_network.py --base_weights trains on top of."""
+    for module in (model.unet, *model.text_encoders):
+        module.to(merge_dtype)
+    for file, ratio in zip(files, ratios):
+        network, weights_sd = create_network_from_weights(ratio, file, None, model.text_encoders, model.unet,
+                                                          for_inference=True)
+        network.merge_to(model.text_encoders, model.unet, weights_sd)
+        print(f"{file}: merged {len(network.loras)} modules at ratio {ratio}")

@@ -35,7 +35,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 
 import torch
@@ -52,9 +51,6 @@ from library.adapters.lora_files import (
     refuse_existing,
     save_lora_file,
 )
-
-if TYPE_CHECKING:
-    from library.models.loading import StableDiffusionModel
 
 SINGLE_FILE_OUTPUTS = (".safetensors", ".ckpt")
 
@@ -117,26 +113,14 @@ def merge_lora_files(files: list[str], ratios: list[float], save_to: str, concat
 # LoRA -> model
 
 
-def merge_into_model(model: StableDiffusionModel, files: list[str], ratios: list[float],
-                     merge_dtype: torch.dtype = torch.float32) -> None:
-    """Bake each LoRA into ``model`` (a library.models.StableDiffusionModel) at its ratio, with merge_to."""
-    from networks.lora import create_network_from_weights
-
-    for module in (model.unet, *model.text_encoders):
-        module.to(merge_dtype)
-    for file, ratio in zip(files, ratios):
-        network, weights_sd = create_network_from_weights(ratio, file, None, model.text_encoders, model.unet,
-                                                          for_inference=True)
-        network.merge_to(model.text_encoders, model.unet, weights_sd)
-        print(f"{file}: merged {len(network.loras)} modules at ratio {ratio}")
-
-
 def merge_into_model_file(sd_model: str, files: list[str], ratios: list[float], save_to: str,
                           merge_dtype: torch.dtype, save_dtype: torch.dtype | None, expected_family: str | None,
                           no_metadata: bool) -> None:
     from library.models.loading import load_model, save_diffusers, save_single_file
 
     model = load_model(sd_model, family=expected_family)
+    from networks.lora import merge_into_model
+
     merge_into_model(model, files, ratios, merge_dtype)
     dtype = save_dtype or merge_dtype
     if Path(save_to).suffix.lower() in SINGLE_FILE_OUTPUTS:
