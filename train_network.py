@@ -16,25 +16,29 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from library.adapters.errors import NetworkArgumentError
 from library.adapters.network_args import parse_network_args
 from library.cli import config
+from library.cli.fp8_args import fp8_options_from_args
 from library.cli.metadata_args import model_spec_from_args
 from library.cli.training_args import add_saving_arguments, metadata_flags_from_args
 from library.cli import script_flow
 from library.cli.optim_args import add_fused_backward_arguments, optimizer_settings_from_args
 from library.training import fused_backward
 from library.data.datasets import Batch
+from library.models.fp8_weights import float8_parameter_names, store_base_model_in_fp8
 from library.models.model_spec import ModelSpec, fill_in_hash
 from library.training.loop import Callback
 from library.training.training_metadata import per_save_metadata, tag_frequency, training_metadata
 from networks.lora import merge_into_model
+from networks.lycoris_kohya import check_network_args as check_lycoris_args, is_lycoris_module
 from networks.plugin import NetworkModule, NetworkOptions, build_network, import_network_module
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     return script_flow.build_script_parser(
         __doc__, 1e-4,
         partial(add_saving_arguments, model_formats=("safetensors", "ckpt", "pt"), default_model_format="safetensors"),
-        add_network_arguments, add_fused_backward_arguments)
+        add_network_arguments, add_fused_backward_arguments, frozen_base=True)
 
 
 class LoraUNet(nn.Module):
@@ -82,6 +86,8 @@ class LoraUNet(nn.Module):
         super().__init__()
         self.network = network
         self.unet = unet
+        # DDP broadcasts every parameter when it wraps a module; --fp8_base's float8 weights cannot go through gloo
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, float8_parameter_names(self))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.unet(*args, **kwargs)
@@ -104,6 +110,8 @@ class LoraTrainee:
         self.metadata = metadata
         self.minimal_metadata = minimal_metadata
         self.model_spec = model_spec
+        # What sampling uses, whatever multiplier the last batch's dataset set (network_multiplier).
+        self.own_multiplier = float(getattr(network, "multiplier", 1.0))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"lora_unet": self.model}
@@ -119,11 +127,18 @@ class LoraTrainee:
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
-        return self.forward_model(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                                  added_cond_kwargs=added_cond_kwargs).sample
+        sample = self.forward_model(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                    added_cond_kwargs=added_cond_kwargs).sample
+        if getattr(self.network, "multiplier", None) == 0 and torch.is_grad_enabled():
+            sample = sample + zero_gradient_link(self.network)
+        return sample
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+        """Sample images are made at the network's own multiplier, not at the last batch's dataset's (saving
+        needs none: the multiplier is not part of the file)."""
+        if not hasattr(self.network, "set_multiplier"):
+            return contextlib.nullcontext()
+        return multiplier_set_to(self.network, self.own_multiplier)
 
     def save(self, path: Path, step: int, epoch: int) -> None:
         """kohya's ss_* metadata (only the minimum with --no_metadata) and the ModelSpec keys (always, as kohya)."""
@@ -133,6 +148,50 @@ class LoraTrainee:
         path.parent.mkdir(parents=True, exist_ok=True)  # kohya-style networks write with save_file, no mkdir
         self.network.save_weights(str(path), self.save_dtype, None if path.suffix.lower() != ".safetensors" else metadata)
         fill_in_hash(path)
+
+
+def zero_gradient_link(network: nn.Module) -> torch.Tensor:
+    """0 x the sum of the network's trainable weights, added to the prediction at multiplier 0.
+
+    At multiplier 0 the modules skip their forward, so the loss would not depend on the network: backward
+    would fail, and DDP would wait for gradients that never come. This keeps every weight in the graph with a
+    zero gradient, which is what kohya's modules (multiplying their output by 0) give.
+    """
+    trainable = [p.sum() for p in network.parameters() if p.requires_grad]
+    return torch.stack(trainable).sum() * 0.0 if trainable else torch.zeros(())
+
+
+@contextlib.contextmanager
+def multiplier_set_to(network: Any, multiplier: float) -> Iterator[None]:
+    """The network at ``multiplier`` inside the block, back at its previous multiplier after it."""
+    before = float(getattr(network, "multiplier", multiplier))
+    network.set_multiplier(multiplier)
+    try:
+        yield
+    finally:
+        network.set_multiplier(before)
+
+
+class DatasetNetworkMultiplier(Callback):
+    """kohya's dataset key network_multiplier: each batch trains (and validates) the network at its dataset's
+    multiplier, set before the batch's text is encoded so text-encoder modules follow it too. A batch never
+    mixes datasets (the bucket key starts with the dataset), so one multiplier per batch is exact."""
+
+    def __init__(self, network: Any) -> None:
+        self.network = network
+
+    def before_batch(self, run: Any, batch: Batch) -> None:
+        self.network.set_multiplier(batch.network_multiplier())
+
+
+def dataset_multiplier_callbacks(network: Any, datasets: Sequence[Any]) -> list[Callback]:
+    """[DatasetNetworkMultiplier] when a dataset sets a network_multiplier other than 1.0, else []."""
+    if all(dataset.network_multiplier == 1.0 for dataset in datasets):
+        return []
+    if not hasattr(network, "set_multiplier"):
+        raise NetworkArgumentError("network_multiplier in --dataset_config needs a network with set_multiplier "
+                                   "(kohya's plug-in API); this --network_module has none: remove network_multiplier")
+    return [DatasetNetworkMultiplier(network)]
 
 
 def network_options_from_args(args: argparse.Namespace) -> NetworkOptions:
@@ -150,10 +209,8 @@ def create_network(args: argparse.Namespace, model: Any, module: NetworkModule) 
 
 def check_network_flags(args: argparse.Namespace) -> None:
     """Flag values no network can use, refused before the model is loaded."""
-    if args.network_module.split(".")[0] == "lycoris":  # the kohya_ss GUI's LyCORIS presets
-        raise NetworkArgumentError(f"--network_module {args.network_module}: LyCORIS networks (the lycoris-lora "
-                                   "package) are not supported yet; use --network_module networks.lora, which trains "
-                                   "LoRA and LoCon (conv_dim=... in --network_args)")
+    if is_lycoris_module(args.network_module):  # the package, algo= and preset=, before the model loads
+        check_lycoris_args(args.network_module, parse_network_args(args.network_args))
     if args.network_dim is not None and args.network_dim < 1:
         raise NetworkArgumentError(f"--network_dim must be at least 1 (got {args.network_dim}): it is the LoRA rank, "
                                    "e.g. --network_dim 16")
@@ -203,6 +260,11 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
     network.requires_grad_(True)
 
     pipeline = script_flow.build_data_pipeline(session)
+    # after the --base_weights merge and the caches (filled from the full-precision model, as kohya's are)
+    fp8_note = store_base_model_in_fp8(unet=model.unet, text_encoders=model.text_encoders,
+                                       options=fp8_options_from_args(args))
+    if fp8_note:
+        accelerator.print(fp8_note)
     plan, data = pipeline.plan, session.data
     text_encoder_lr = args.text_encoder_lr if args.text_encoder_lr else None
     if text_encoder_lr is not None and len(text_encoder_lr) == 1:
@@ -224,6 +286,11 @@ def train_network(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
     trainee = LoraTrainee(network, model.unet, model.text_encoders, train_text_encoder, args.gradient_checkpointing,
                           session.save_dtype, base_metadata, args.no_metadata, model_spec)
     own = [MaxNormRegularisation(network, args.scale_weight_norms, accelerator.device)] if args.scale_weight_norms else []
+    multiplying = dataset_multiplier_callbacks(network, data.datasets)
+    if multiplying:
+        accelerator.print("network multiplier per dataset: " + "; ".join(
+            f"{dataset.source}: {dataset.network_multiplier:g}" for dataset in data.datasets))
+    own += multiplying
     extension = "." + (args.save_model_as or "safetensors")
     return script_flow.run_training(session, pipeline, trainee, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                     optimizer_description=optimizer_description, save_extension=extension,

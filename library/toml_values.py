@@ -74,6 +74,15 @@ def check_scalar(raw: Any, expected: str) -> str | int | float:
     return raw
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a float (``"1.3"``, ``"-2"``, ``"1e-3"``): prompt weights, block-weight presets."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_kind(kind: str, raw: Any) -> Any:
     """``raw`` checked against a key's kind: "bool", "int", "float" (an integer is accepted) or "str"."""
     if kind == "bool":

@@ -87,7 +87,9 @@ class AdapterModule(nn.Module):
     def _add_to_output(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                        output: torch.Tensor) -> torch.Tensor:
         delta = self(args[0] if args else kwargs["input"])
-        return output if delta is None else output + delta.to(output.dtype)
+        if delta is None:
+            return output
+        return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
     # -- what an adapter kind implements --------------------------------------------------------------
 
@@ -102,6 +104,13 @@ class AdapterModule(nn.Module):
     def merged_weight_delta(self, weights_sd: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor | None:
         """Like `weight_delta`, but of this module's tensors in ``weights_sd`` (None where the file has none)."""
         raise NotImplementedError
+
+    def merged_weight(self, weight: torch.Tensor, weights_sd: dict[str, torch.Tensor],
+                      device: torch.device | str) -> torch.Tensor | None:
+        """The target's weight with this module's tensors in ``weights_sd`` merged in at its multiplier, float32
+        (None where the file has none). Additive kinds keep this default; DoRA rescales the sum."""
+        delta = self.merged_weight_delta(weights_sd, device)
+        return None if delta is None else weight.to(device, torch.float32) + delta * self.multiplier
 
     def scale_weights(self, ratio: float) -> None:
         """Scale the trainable tensors so that the update is multiplied by ``ratio`` (max-norm regularisation)."""
@@ -372,7 +381,8 @@ class AdapterNetwork(nn.Module):
     @torch.no_grad()
     def merge_to(self, text_encoder: Any = None, unet: Any = None, weights_sd: dict[str, torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        """Add ``multiplier * update`` into the original weights (kohya's --base_weights).
+        """Merge each module into its original weight at its multiplier (`AdapterModule.merged_weight`; kohya's
+        --base_weights).
 
         The update is computed in float32 on ``device`` and written back in each weight's own dtype
         (``dtype`` is accepted for kohya compatibility). Only modules present in ``weights_sd`` (default:
@@ -385,10 +395,9 @@ class AdapterNetwork(nn.Module):
         for lora in self.loras:
             weight = lora.org_module.weight
             target = device if device is not None else weight.device
-            delta = lora.merged_weight_delta(weights_sd, target)
-            if delta is None:
+            new = lora.merged_weight(weight, weights_sd, target)
+            if new is None:
                 continue
-            new = weight.to(target, torch.float32) + delta * lora.multiplier
             weight.copy_(new.to(weight.device, weight.dtype))
             merged += 1
         self._log().info("LoRA: merged %d modules into the base weights", merged)

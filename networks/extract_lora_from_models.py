@@ -18,7 +18,12 @@ The UNet is always extracted; a text encoder only if one of its weights differs 
 
 The file is written through ``networks.lora`` (``create_network_from_weights`` + ``save_weights``), so its
 keys are checked against the model and it carries kohya's minimum metadata (ss_network_dim = dim,
-ss_network_alpha = dim, conv_dim/conv_alpha in ss_network_args) plus ModelSpec keys unless ``--no_metadata``.
+ss_network_alpha = dim, conv_dim/conv_alpha in ss_network_args) plus the ModelSpec keys the training scripts
+write (architecture, implementation, title, the original model's resolution and prediction type, date, hash,
+merged_from = the two models) unless ``--no_metadata``.
+
+It writes LoRA/LoCon only (kohya's tool does too): no flag asks for DoRA, LoHa or LoKr, and an unknown flag
+(``--algo lokr``, ``--dora_wd``) is refused by the argument parser with one line.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from library.adapters.errors import LoRAFileError
 from library.adapters.lora_extract import extract_lora_state_dict
 from library.adapters.lora_files import PRECISIONS, precision_dtype, refuse_existing
+from library.adapters.tool_model_spec import model_resolution, model_spec_metadata
+from library.models.model_spec import fill_in_hash
 
 if TYPE_CHECKING:
     from library.models.families import ModelFamily
@@ -43,7 +49,10 @@ if TYPE_CHECKING:
 
 
 def extraction_metadata(family: "ModelFamily", dim: int, conv_dim: int | None, v_parameterization: bool, save_to: str,
-                        no_metadata: bool) -> dict[str, str]:
+                        no_metadata: bool, resolution: tuple[int, int] | None = None,
+                        merged_from: list[str] | None = None) -> dict[str, str]:
+    """kohya's minimum network metadata, plus the ModelSpec keys the training scripts write (the hash is filled
+    in once the file is saved); ``resolution`` defaults to the family's, ``merged_from`` names the two models."""
     network_args = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))}
     metadata = {
         "ss_v2": str(family.kohya_v2),
@@ -54,13 +63,10 @@ def extraction_metadata(family: "ModelFamily", dim: int, conv_dim: int | None, v
         "ss_network_args": json.dumps(network_args),
     }
     if not no_metadata:
-        metadata.update({
-            "modelspec.architecture": family.modelspec_architecture + "/lora",
-            "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
-            "modelspec.title": Path(save_to).stem,
-            "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
-            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
+        side = family.default_resolution
+        metadata.update(model_spec_metadata(family=family, kind="lora", save_to=save_to,
+                                            resolution=resolution or (side, side), v_prediction=v_parameterization,
+                                            merged_from=merged_from))
     return metadata
 
 
@@ -83,8 +89,10 @@ def extract(args: argparse.Namespace) -> int:
     network, _ = create_network_from_weights(1.0, None, None, model_org.text_encoders, model_org.unet,
                                              weights_sd=state_dict, for_inference=True)
     v_param = args.v_parameterization if args.v_parameterization is not None else model_org.prediction_type == "v_prediction"
-    metadata = extraction_metadata(model_org.family, args.dim, args.conv_dim, v_param, args.save_to, args.no_metadata)
+    metadata = extraction_metadata(model_org.family, args.dim, args.conv_dim, v_param, args.save_to, args.no_metadata,
+                                   resolution=model_resolution(model_org), merged_from=[args.model_org, args.model_tuned])
     network.save_weights(args.save_to, precision_dtype(args.save_precision), metadata)
+    fill_in_hash(args.save_to)
     print(f"extracted {len(network.unet_loras)} UNet and {len(network.text_encoder_loras)} text-encoder modules "
           f"-> {args.save_to}")
     return 0

@@ -13,6 +13,15 @@ needs ``sdxl_merge_lora.py`` for SDXL). An output ending in ``.safetensors``/``.
 original layout, anything else a diffusers folder. A LoRA whose modules are not in the model is an error
 (kohya skips them with a log line, which hides a LoRA made for another family).
 
+DoRA and LyCORIS files (LoHa, LoKr, (IA)³, full, OFT, ... as LyCORIS's kohya plug-in or our networks.lycoris_kohya
+write them) merge into a model too, with the result of LyCORIS's own merge (``lycoris.utils.merge``): DoRA
+through ``library.adapters.dora`` (no extra package), the LyCORIS algorithms through the optional lycoris-lora
+package's own module classes (``pip install lycoris-lora==4.1.3``). See ``library.adapters.lycoris_merge``.
+
+Saved files carry the ModelSpec keys the training scripts write (``modelspec.*``: architecture,
+implementation, title = the output's name, resolution, prediction type, date, hash, merged_from = the inputs);
+``--no_metadata`` leaves them out.
+
 LoRA + LoRA, default (kohya's semantics, for LoRAs of the same rank per module): the factors are summed,
 ``down = sum(r_i * s_i * down_i)``, ``up = sum(|r_i| * s_i * up_i)`` with ``s_i = sqrt(alpha_i / alpha_1)``
 and the first LoRA's alpha kept. So the ratio multiplies both factors (a lone LoRA's update scales with
@@ -26,6 +35,8 @@ alpha is kept and each LoRA's factors are rescaled by ``sqrt(|c_i|)`` (sign on d
 ``c_i = r_i * (alpha_i / rank_i) / (alpha_1 / rank_total)``. This differs from kohya, whose ``--concat``
 keeps the summed-factor scaling, so each update there comes out multiplied by ``r_i * |r_i| * rank_i / rank_total``.
 
+Merging into one LoRA takes kohya LoRA/LoCon files only: a LyCORIS or DoRA file is refused with one line.
+
 The output is never overwritten. ``--shuffle`` permutes the rank dimension (same effect, different file).
 """
 
@@ -33,14 +44,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
 import torch
 
 from library.adapters.errors import LoRAFileError, LoRAWeightsError
+from library.models.model_spec import fill_in_hash
 from library.adapters.lora_merge import merge_lora_modules
+from library.adapters.tool_model_spec import merged_lora_model_spec, model_resolution, model_spec_metadata
 from library.adapters.lora_files import (
     PRECISIONS,
     LoRAFactors,
@@ -53,6 +65,8 @@ from library.adapters.lora_files import (
 )
 
 SINGLE_FILE_OUTPUTS = (".safetensors", ".ckpt")
+LORA_INTO_LORA = ("merging into one LoRA file (no --sd_model) takes kohya LoRA/LoCon files only; merge LyCORIS "
+                  "and DoRA files into a model with --sd_model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,7 +75,8 @@ SINGLE_FILE_OUTPUTS = (".safetensors", ".ckpt")
 
 def lora_merge_metadata(merged: dict[str, LoRAFactors], sources: list[dict[str, str]], inputs: list[str],
                         save_to: str, no_metadata: bool) -> dict[str, str]:
-    """kohya's minimum network metadata (dims/alphas or "Dynamic"), plus ModelSpec title/merged_from."""
+    """kohya's minimum network metadata (dims/alphas or "Dynamic"), plus the ModelSpec keys (title = output name,
+    merged_from = the inputs, family/resolution/prediction type from the inputs' metadata)."""
     def first(key: str) -> str | None:
         return next((meta[key] for meta in sources if meta.get(key)), None)
 
@@ -75,19 +90,7 @@ def lora_merge_metadata(merged: dict[str, LoRAFactors], sources: list[dict[str, 
             metadata[key] = first(key)
     if no_metadata:
         return metadata
-    from library.models.families import family_with_base_model_version
-
-    base_family = family_with_base_model_version(first("ss_base_model_version"))
-    architecture = first("modelspec.architecture") or (
-        base_family.modelspec_architecture + "/lora" if base_family is not None else None)
-    metadata.update({
-        "modelspec.title": Path(save_to).stem,
-        "modelspec.merged_from": ", ".join(Path(p).stem for p in inputs),
-        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })
-    if architecture:
-        metadata["modelspec.architecture"] = architecture
+    metadata.update(merged_lora_model_spec(sources, save_to=save_to, merged_from=inputs))
     return metadata
 
 
@@ -96,7 +99,7 @@ def merge_lora_files(files: list[str], ratios: list[float], save_to: str, concat
                      no_metadata: bool = False) -> dict[str, LoRAFactors]:
     loras, sources = [], []
     for file, ratio in zip(files, ratios):
-        modules, metadata = read_lora_modules(file)
+        modules, metadata = read_lora_modules(file, refusal=LORA_INTO_LORA)
         modules = {n: LoRAFactors(n, m.down.to(merge_dtype), m.up.to(merge_dtype), m.alpha) for n, m in modules.items()}
         loras.append((modules, ratio))
         sources.append(metadata)
@@ -104,6 +107,7 @@ def merge_lora_files(files: list[str], ratios: list[float], save_to: str, concat
     merged = merge_lora_modules(loras, concat, shuffle)
     metadata = lora_merge_metadata(merged, sources, files, save_to, no_metadata)
     save_lora_file(modules_state_dict(merged, save_dtype or merge_dtype), save_to, metadata)
+    fill_in_hash(save_to)
     print(f"merged {len(files)} LoRAs ({'concatenated ranks' if concat else 'summed factors'}) into {len(merged)} "
           f"modules, rank {metadata['ss_network_dim']}, alpha {metadata['ss_network_alpha']} -> {save_to}")
     return merged
@@ -124,15 +128,14 @@ def merge_into_model_file(sd_model: str, files: list[str], ratios: list[float], 
     merge_into_model(model, files, ratios, merge_dtype)
     dtype = save_dtype or merge_dtype
     if Path(save_to).suffix.lower() in SINGLE_FILE_OUTPUTS:
-        metadata = None if no_metadata else {
-            "modelspec.title": Path(save_to).stem,
-            "modelspec.merged_from": ", ".join(Path(p).stem for p in [sd_model, *files]),
-            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        metadata = None if no_metadata else model_spec_metadata(
+            family=model.family, kind="checkpoint", save_to=save_to, resolution=model_resolution(model),
+            v_prediction=model.prediction_type == "v_prediction", merged_from=[sd_model, *files])
         save_single_file(model, save_to, dtype=dtype, metadata=metadata)
+        fill_in_hash(save_to)
     else:
         save_diffusers(model, save_to, dtype=dtype)
-    print(f"saved {model.family.name} model with {len(files)} LoRA(s) merged -> {save_to}")
+    print(f"saved {model.family.name} model with {len(files)} network file(s) merged -> {save_to}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +148,8 @@ def add_merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model to merge into (diffusers folder or .safetensors/.ckpt); omit to merge LoRAs into one LoRA")
     parser.add_argument("--save_to", required=True,
                         help="output: .safetensors/.ckpt (model or LoRA) or a folder (diffusers model); never overwritten")
-    parser.add_argument("--models", nargs="+", required=True, help="LoRA files (.safetensors, .pt, .ckpt)")
+    parser.add_argument("--models", nargs="+", required=True,
+                        help="LoRA files (.safetensors, .pt, .ckpt); into --sd_model also DoRA and LyCORIS files")
     parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one ratio per LoRA (default 1.0 each)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float", help="dtype of the merge (float recommended)")
     parser.add_argument("--save_precision", choices=PRECISIONS, default=None, help="dtype of the output (default: --precision)")

@@ -62,9 +62,17 @@ class NetworkOptions:
     clip_skip: int | None = None
 
 
+# --network_module names served by one of ours. LyCORIS's own ``lycoris.kohya`` finds its target modules by
+# the class names and paths of kohya's UNet classes; ours is diffusers' UNet2DConditionModel, on which it
+# picks other modules and stops with "duplicated lora name" (SDXL). networks.lycoris_kohya runs LyCORIS's
+# create_network on a kohya-named view of our UNet, so `lycoris.kohya`, as kohya users type it, works here.
+ROUTED_NETWORK_MODULES = {"lycoris.kohya": "networks.lycoris_kohya"}
+
+
 def import_network_module(name: str) -> NetworkModule:
-    """The ``--network_module`` by its import path (``networks.lora``, or kohya's / LyCORIS's modules)."""
-    return importlib.import_module(name)
+    """The ``--network_module`` by its import path (``networks.lora``, kohya's modules; ``lycoris.kohya`` is
+    served by ``networks.lycoris_kohya``, see `ROUTED_NETWORK_MODULES`)."""
+    return importlib.import_module(ROUTED_NETWORK_MODULES.get(name, name))
 
 
 def build_network(module: NetworkModule, *, options: NetworkOptions, vae: Any, text_encoders: Sequence[nn.Module],

@@ -18,6 +18,10 @@ An all-zero module keeps rank 1. ``--verbose`` prints, per module, the fraction 
 Frobenius norm retained (``||new update|| / ||old update||``) and S[0]/S[r-1]; the mean Frobenius retention
 is always printed.
 
+Only kohya LoRA/LoCon files are resized: a LyCORIS (LoHa, LoKr, (IA)³, full, OFT) or DoRA file is refused with
+one line naming its kind (their updates are not ``up @ down``; DoRA's scale is tied to the update it was trained
+with).
+
 Metadata: the input's is kept; ``ss_network_dim``/``ss_network_alpha`` become the new values, or "Dynamic"
 with a dynamic method, and ``ss_training_comment`` gets kohya's note about the resize. The hashes are renewed.
 
@@ -49,6 +53,9 @@ from library.adapters.lora_files import (
     save_lora_file,
 )
 from library.adapters.lora_resize import DYNAMIC_METHODS, resize_lora_modules, resize_metadata
+
+RESIZABLE = ("resize_lora.py resizes kohya LoRA/LoCon files only (lora_down/lora_up/alpha keys): LoHa, LoKr, "
+             "(IA)³, full and OFT updates are not up @ down, and a DoRA scale belongs to the update it was trained with")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     conv_rank = args.new_conv_rank if args.new_conv_rank is not None else args.new_rank
     try:
         refuse_existing(args.save_to)
-        modules, metadata = read_lora_modules(args.model)
+        modules, metadata = read_lora_modules(args.model, refusal=RESIZABLE)
     except (FileExistsError, LoRAFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

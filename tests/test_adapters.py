@@ -95,3 +95,45 @@ def test_unknown_network_args_name_what_the_kind_accepts() -> None:
         create_network(1.0, 4, 2.0, None, model.text_encoders[0], model.unet, delta_scale="2")
     with pytest.raises(NetworkArgumentError, match=f"bogus for {TOY}; accepted: conv_dim, .*, verbose, delta_scale$"):
         toy.create_network(1.0, 4, 2.0, None, model.text_encoders[0], model.unet, bogus="1")
+
+
+@pytest.mark.parametrize("alpha, multiplier, dtype", [
+    (4.0, 1.0, torch.float32),    # factor 1: no multiplication at all
+    (1.0, 1.0, torch.float32),    # kohya's default alpha 1, rank 4: factor 1/4, applied to the rank activations
+    (2.0, -0.5, torch.bfloat16),  # a negative power of two, under bf16 autocast
+    (3.0, 0.7, torch.float32),    # any other factor scales the output, as before
+    (1.0, 1.0, torch.float16),    # float16 could underflow on the rank activations: the output is scaled
+])
+def test_lora_forward_fast_path_gives_the_bits_of_the_plain_formula(alpha: float, multiplier: float,
+                                                                    dtype: torch.dtype) -> None:
+    """The LoRA forward skips what does nothing and moves an exact scale; outputs and gradients keep their bits."""
+    torch.manual_seed(0)
+    for org, shape in ((torch.nn.Linear(16, 8), (2, 5, 16)), (torch.nn.Conv2d(8, 6, 3, padding=1), (2, 8, 6, 6))):
+        lora = LoRAModule("lora_unet_x", org.requires_grad_(False), multiplier, 4, alpha)
+        torch.nn.init.normal_(lora.lora_up.weight)
+        x = torch.randn(shape)
+        results = []
+        for fast in (True, False):
+            lora.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                out = lora(x) if fast else lora.lora_up(lora.lora_down(x)) * (multiplier * alpha / 4)
+            out.float().square().sum().backward()
+            results.append([out, lora.lora_down.weight.grad, lora.lora_up.weight.grad])
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_lora_forward_reads_a_changed_alpha() -> None:
+    """The forward keeps alpha / rank between steps, and takes a loaded or rewritten alpha at once."""
+    torch.manual_seed(0)
+    lora = LoRAModule("lora_unet_x", torch.nn.Linear(16, 8), 1.0, 4, 4.0)
+    torch.nn.init.normal_(lora.lora_up.weight)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        plain = lora.lora_up(lora.lora_down(x))
+        assert torch.equal(lora(x), plain)
+        lora.load_state_dict({**lora.state_dict(), "alpha": torch.tensor(2.0)})
+        assert torch.equal(lora(x), plain * 0.5)
+        lora.alpha.fill_(1.0)
+        assert torch.equal(lora(x), plain * 0.25)
+        lora.alpha = torch.tensor(3.0)
+        assert torch.equal(lora(x), plain * 0.75)

@@ -226,7 +226,7 @@ def test_keys_at_the_wrong_level(dirs: Path) -> None:
 [general]
 image_dir = "a"
 prior_loss_weight = 2.0
-network_multiplier = 0.5
+cache_info = true
 [[datasets]]
 is_reg = true
   [[datasets.subsets]]
@@ -236,7 +236,7 @@ is_reg = true
     msg = load_error(cfg)
     assert f"{cfg} [general]: image_dir is only allowed in [[datasets.subsets]]" in msg
     assert f"{cfg} [general]: prior_loss_weight is a command-line argument" in msg
-    assert f"{cfg} [general]: network_multiplier is a kohya key that is not supported yet" in msg
+    assert f"{cfg} [general]: cache_info is a kohya key that is not supported yet" in msg
     assert f"{cfg} [[datasets]] #1: is_reg is only allowed in [[datasets.subsets]]" in msg
     assert (f"{cfg} [[datasets]] #1 [[datasets.subsets]] #1: batch_size is only allowed in [general] or "
             "[[datasets]]") in msg

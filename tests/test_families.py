@@ -185,6 +185,8 @@ def test_saved_files_carry_the_family_architecture(tiny_model_dirs: dict[str, Pa
         save_single_file(load_model(tiny_model_dirs[cli_name]), path)
         assert read_safetensors_metadata(path)["modelspec.architecture"] == family.modelspec_architecture
         meta = extraction_metadata(family, 4, None, False, str(path), False)
+        assert meta["modelspec.architecture"] == family.modelspec_base_architecture(False) + "/lora"  # epsilon
+        meta = extraction_metadata(family, 4, None, True, str(path), False)
         assert meta["modelspec.architecture"] == family.modelspec_architecture + "/lora"
         assert (meta["ss_base_model_version"], meta["ss_v2"]) == (family.base_model_version, str(family.kohya_v2))
 

@@ -9,11 +9,13 @@ wins over the file, so each preset trains one step in 64 px buckets on the tiny 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 import train_network
@@ -98,16 +100,38 @@ def test_sdxl_finetune_preset_trains(run_script, tiny_model_dirs, shapes_data, t
     assert (output / "sdxl_finetune.safetensors").stat().st_size > 0
 
 
-def test_sdxl_lycoris_preset_gets_one_error_line_until_lycoris_lands(run_script, tiny_model_dirs, shapes_data, tmp_path):
-    # LyCORIS (network_module = "lycoris.kohya") is the next issue; until then the GUI's LyCORIS presets stop at
-    # start-up with one line naming lycoris-lora, before any model loads.
+def test_sdxl_lycoris_preset_trains_lokr_with_kohyas_names(run_script, tiny_model_dirs, shapes_data, tmp_path):
+    # network_module = "lycoris.kohya" with algo=lokr, preset=full, conv_dim=1 and network_dim = 100000 (LoKr's
+    # "full matrix" setting) in network_args: trained by LyCORIS on kohya's (LDM) module names.
+    output = tmp_path / "out"
     cfg = preset("sdxl_lycoris.toml", tmp_path / "lokr.toml", pretrained_model_name_or_path=tiny_model_dirs["sdxl"],
-                 train_data_dir=dreambooth_folder(shapes_data, tmp_path), output_dir=tmp_path / "out")
-    # Prodigy is an optional package this test machine lacks; the GUI user's machine has it.
-    result = run_script("train_network.py", ["--config_file", cfg, *ONE_STEP_AT_64PX, "--optimizer_type", "AdamW"],
-                        expect_rc=None)
-    assert_one_error_line(result, "lycoris.kohya", "lycoris-lora")
-    assert not (tmp_path / "out").exists()
+                 train_data_dir=dreambooth_folder(shapes_data, tmp_path), output_dir=output)
+    # Prodigy (and its optimizer_args) is an optional package this test machine lacks; the GUI user's machine has it.
+    result = run_script("train_network.py", ["--config_file", cfg, *ONE_STEP_AT_64PX, "--optimizer_type", "AdamW",
+                                             "--optimizer_args", "weight_decay=0.01", "--mixed_precision", "no"])
+    assert gui_notes(result.stdout) == [GUI_NOTE + "epoch, noise_offset_type"]
+    file = output / "sdxl_lokr.safetensors"
+    with safe_open(str(file), "pt") as handle:
+        keys = set(handle.keys())
+        dtypes = {handle.get_tensor(key).dtype for key in keys}
+        metadata = handle.metadata()
+    names = {key.split(".", 1)[0] for key in keys}
+    assert not any(name.startswith("lora_te") for name in names)  # network_train_unet_only = true
+    assert {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_unet_input_blocks_1_0_in_layers_2",
+            "lora_unet_input_blocks_1_0_emb_layers_1", "lora_unet_input_blocks_3_0_op",
+            "lora_unet_output_blocks_2_2_conv", "lora_unet_middle_block_1_proj_out"} <= names
+    def tensors(name: str) -> set[str]:
+        return {key.split(".", 1)[1] for key in keys if key.split(".", 1)[0] == name}
+
+    # network_dim = 100000: LoKr's full matrices on Linear layers; conv_dim = 1: rank-1 factors on 3x3 convs
+    assert tensors("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") == {"lokr_w1", "lokr_w2", "alpha"}
+    assert {"lokr_w2_a", "lokr_w2_b", "alpha"} <= tensors("lora_unet_input_blocks_1_0_in_layers_2")
+    assert {key.split(".", 1)[1] for key in keys} <= {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                                                     "lokr_w2_b", "alpha"}
+    assert dtypes == {torch.bfloat16}  # save_precision = "bf16"
+    assert metadata["ss_network_module"] == "lycoris.kohya" and metadata["ss_network_dim"] == "100000"
+    assert json.loads(metadata["ss_network_args"])["algo"] == "lokr"
+    assert metadata["ss_steps"] == "1"
 
 
 def test_old_preset_with_bucket_reso_steps_1_is_refused_like_kohya(run_script, tiny_model_dirs, shapes_data, tmp_path):

@@ -6,6 +6,7 @@ an SVD of the dense update done here, or numbers worked out by hand.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from networks.lora import LoRAModule, create_network, create_network_from_weight
 from library.adapters.lora_resize import choose_rank, rank_by_sv_cumulative, rank_by_sv_fro, rank_by_sv_ratio, resize_lora_modules
 
 ATOL = 1e-5
+SAI = "https://github.com/Stability-AI/generative-models"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -115,6 +117,26 @@ def test_merge_into_model_equals_the_hooked_loras(tmp_path: Path, tiny_model_dir
     actual = outputs(merged, inputs)
     assert all((e - b).abs().max() > 0.01 for e, b in zip(expected, base))  # both parts really changed
     assert_outputs_close(actual, expected)
+    if out.suffix == ".safetensors":
+        assert_model_spec(out, arch="stable-diffusion-v1", impl=SAI, title="merged", resolution="64x64",
+                          merged_from="sd15, a, b")
+
+
+def data_sha256(path: Path) -> str:
+    """ModelSpec's hash recomputed from the bytes: sha256 of everything after the header."""
+    data = path.read_bytes()
+    return "0x" + hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
+def assert_model_spec(path: Path, *, arch: str, impl: str, title: str, resolution: str, merged_from: str) -> None:
+    """The ModelSpec keys the training scripts write (library.models.model_spec), as the tools write them."""
+    meta = read_safetensors_metadata(path)
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (arch, impl)
+    assert (meta["modelspec.title"], meta["modelspec.resolution"]) == (title, resolution)
+    assert (meta["modelspec.prediction_type"], meta["modelspec.merged_from"]) == ("epsilon", merged_from)
+    assert meta["modelspec.hash_sha256"] == data_sha256(path)
+    assert meta["modelspec.implementation_version"].startswith("sd-trainer/") and meta["modelspec.date"][:2] == "20"
 
 
 def test_merge_loras_same_rank_sums_factors_as_kohya(tmp_path: Path) -> None:
@@ -138,6 +160,8 @@ def test_merge_loras_same_rank_sums_factors_as_kohya(tmp_path: Path) -> None:
     meta = read_safetensors_metadata(out)
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_network_module"]) == ("1", "1.0", "networks.lora")
     assert meta["modelspec.merged_from"] == "a, b" and len(meta["sshs_model_hash"]) == 64
+    assert meta["modelspec.title"] == "ab" and meta["modelspec.hash_sha256"] == data_sha256(out)
+    assert "modelspec.architecture" not in meta  # the inputs name no family
 
     c = lora_file({"lora_unet_x.lora_down.weight": [[1.0, 2.0], [0.0, 1.0]],
                    "lora_unet_x.lora_up.weight": [[1.0, 0.0], [0.0, 1.0]]}, tmp_path / "c.safetensors")  # rank 2
@@ -166,7 +190,8 @@ def test_merge_loras_concat_is_the_exact_weighted_sum(tmp_path: Path, tiny_model
     assert weights[f"{q}.lora_down.weight"].shape[0] == 6 and float(weights[f"{q}.alpha"]) == 2.0
     meta = read_safetensors_metadata(out)
     assert meta["ss_network_dim"] == "Dynamic" and meta["ss_base_model_version"] == "sd_v1"
-    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert_model_spec(out, arch="stable-diffusion-v1/lora", impl="diffusers", title="concat", resolution="512x512",
+                      merged_from="a, b")
 
     for network, ratio in ((first, 0.6), (second, -1.5)):
         network.set_multiplier(ratio)
@@ -364,6 +389,8 @@ def test_extract_recovers_a_known_low_rank_difference(tmp_path: Path, tiny_model
     meta = read_safetensors_metadata(out)
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_base_model_version"]) == ("4", "4.0", "sd_v1")
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4.0"}
+    assert_model_spec(out, arch="stable-diffusion-v1/lora", impl="diffusers", title="extracted", resolution="64x64",
+                      merged_from="sd15, tuned")
 
     inputs = unet_inputs(tuned)
     expected = outputs(tuned, inputs)

@@ -77,7 +77,7 @@ def test_every_imported_package_is_a_requirement() -> None:
     for module in declared:
         assert f"{pip_names.get(module, module)}==" in requirements, module
     optional = {"xformers", "bitsandbytes", "deepspeed", "prodigyopt", "lion_pytorch", "dadaptation", "schedulefree",
-                "wandb", "psutil"}
+                "wandb", "psutil", "lycoris"}
     imported = set()
     files = [p for folder in ("library", "networks", "tools") for p in (ROOT / folder).rglob("*.py")]
     for path in files + list(ROOT.glob("train_*.py")):

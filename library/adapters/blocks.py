@@ -14,6 +14,7 @@ from typing import Any
 from library.adapters.errors import NetworkArgumentError
 from library.adapters.network_args import DEFAULT_CONV_ALPHA, number_list, opt_float
 from library.models.families import ModelFamily
+from library.toml_values import is_number
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _lr_weight_list(value: Any, length: int, name: str) -> list[float] | None:
     """kohya's down/up_lr_weight: a comma list or a preset (cosine|sine|linear|reverse_linear|zeros)[+base]."""
     if value is None:
         return None
-    if isinstance(value, str) and "," not in value and not _is_number(value):
+    if isinstance(value, str) and "," not in value and not is_number(value):
         preset, _, base = value.partition("+")
         offset = float(base) if base else 0.0
         ramp = [i / (length - 1) for i in range(length)]
@@ -93,10 +94,3 @@ def _lr_weight_list(value: Any, length: int, name: str) -> list[float] | None:
     weights = number_list(value, float, name)
     return (weights + [1.0] * length)[:length]  # kohya pads short lists with 1.0 and truncates long ones
 
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

@@ -24,6 +24,7 @@ ALPHA_SUFFIX = ".alpha"
 # longest prefix first: "lora_te1_..." must not be read as "lora_te" + "1_..."
 PARTS = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"))
 PRECISIONS = ("float", "fp16", "bf16")  # kohya's --save_precision / --precision choices
+LORA_ONLY = "this tool handles kohya LoRA/LoCon files only (lora_down/lora_up/alpha keys)"
 
 
 def lora_delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
@@ -100,12 +101,22 @@ def load_lora_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a ``.safetensors`` LoRA, or tensors of a ``.pt``/``.ckpt`` one (for the tools)."""
-    from library.models.loading import ModelLoadError, read_checkpoint
-
+    """Tensors and metadata of a ``.safetensors`` LoRA, or tensors of a ``.pt``/``.ckpt`` one (for the tools).
+    A .safetensors file is read without importing the model code (diffusers): the tools start in seconds."""
     path = Path(path)
     if not path.is_file():
         raise LoRAFileError(f"{path} does not exist or is not a file")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        from library.io import read_safetensors_metadata
+
+        try:
+            return load_file(str(path)), read_safetensors_metadata(path)
+        except Exception as error:  # noqa: BLE001 - the message names the file, that is what the user needs
+            raise LoRAFileError(f"{path} could not be read as a safetensors file ({error})") from error
+    from library.models.loading import ModelLoadError, read_checkpoint
+
     try:
         return read_checkpoint(path)
     except ModelLoadError as error:
@@ -130,10 +141,17 @@ def group_modules(state_dict: dict[str, torch.Tensor], source: str = "weights") 
     return modules, others
 
 
-def read_lora_modules(path: str | os.PathLike, require_only_lora: bool = True) -> tuple[dict[str, LoRAFactors], dict[str, str]]:
+def read_lora_modules(path: str | os.PathLike, require_only_lora: bool = True,
+                      refusal: str = LORA_ONLY) -> tuple[dict[str, LoRAFactors], dict[str, str]]:
     """The modules and metadata of a kohya LoRA file, for tools that rewrite it: other tensors (LyCORIS
-    factors, DoRA scales, ...) are an error there, since silently dropping them would change the file's effect."""
+    factors, DoRA scales, ...) are an error there, since silently dropping them would change the file's effect;
+    the message names the file's kinds (LoHa, DoRA, ...), then ``refusal`` (what the tool takes instead)."""
+    from library.adapters.lycoris_files import not_plain_lora_reason
+
     state_dict, metadata = read_lora_file(path)
+    reason = not_plain_lora_reason(state_dict, str(path)) if require_only_lora else None
+    if reason is not None:
+        raise LoRAFileError(f"{reason}: {refusal}")
     modules, others = group_modules(state_dict, str(path))
     if not modules:
         raise LoRAFileError(f"{path} holds no kohya LoRA module (no *{DOWN_SUFFIX} keys); is it a LyCORIS or PEFT file?")

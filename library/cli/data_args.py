@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from library.cli.config import add_validator, non_negative_int
 from library.cache.dataset_caching import CacheMode
@@ -97,7 +98,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--validation_seed", type=int, default=None,
                        help="seed of the validation split shuffle; default: the training --seed")
     group.add_argument("--max_data_loader_n_workers", type=int, default=8,
-                       help="data loader worker processes (at most the CPU count)")
+                       help="data loader worker processes; capped at the CPU count, as in kohya")
     group.add_argument("--persistent_data_loader_workers", action="store_true",
                        help="keep data loader workers alive between epochs")
     group.add_argument("--cache_latents", action="store_true",
@@ -188,6 +189,14 @@ def filter_from_args(args: argparse.Namespace) -> ConditioningFilter | None:
             raise ValueError("options given without --conditioning_filter")
         return None
     return make_filter(name, options)
+
+
+def data_loader_workers(args: argparse.Namespace) -> int:
+    """--max_data_loader_n_workers capped at the CPU count, as kohya caps it: kohya's default 8 on a 2-core
+    machine would start 8 workers (and torch warns that it may freeze). The count is of the CPUs this process
+    may run on (what torch checks; kohya's os.cpu_count() counts a container's host CPUs too)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(max(0, int(args.max_data_loader_n_workers or 0)), usable or 1)
 
 
 def latent_cache_mode(args: argparse.Namespace) -> CacheMode | None:

@@ -28,8 +28,9 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("logging")
     group.add_argument("--wandb_run_name", type=str, default=None, help="name of this run in wandb")
     group.add_argument("--wandb_api_key", type=str, default=None,
-                       help="log in to wandb with this key before training; never written to any file or log "
-                            "(prefer the WANDB_API_KEY environment variable or `wandb login`)")
+                       help="log in to wandb with this key before training; never written to any file or log, "
+                            "but on the command line other users of the machine see it in `ps` while the run "
+                            "lasts: prefer the WANDB_API_KEY environment variable or `wandb login`")
     group.add_argument("--log_config", action="store_true",
                        help="send the run's flags to the trackers as their config (credentials and local paths "
                             "left out, as kohya)")

@@ -26,7 +26,8 @@ import torch
 from library.training import accelerate_utils, noise, optim, validation
 from library.cli import config
 from library.cli.accelerate_args import accelerator_options_from_args, add_accelerate_arguments
-from library.cli.data_args import add_dataset_arguments, latent_cache_mode, text_cache_mode
+from library.cli.data_args import add_dataset_arguments, data_loader_workers, latent_cache_mode, text_cache_mode
+from library.cli.fp8_args import add_fp8_arguments
 from library.cli.hub_args import add_hub_arguments, hub_upload_callback
 from library.cli.logging_args import add_logging_arguments, set_up_console_logging
 from library.cli.metadata_args import add_metadata_arguments
@@ -68,13 +69,15 @@ ArgumentAdder = Callable[[argparse.ArgumentParser], None]
 
 
 def build_script_parser(description: str, default_learning_rate: float, saving: ArgumentAdder,
-                        *script_groups: ArgumentAdder) -> argparse.ArgumentParser:
-    """Every script's flags: the shared groups around the script's own (``script_groups``)."""
+                        *script_groups: ArgumentAdder, frozen_base: bool = False) -> argparse.ArgumentParser:
+    """Every script's flags: the shared groups around the script's own (``script_groups``). ``frozen_base``: the
+    script trains a network on a frozen base model, so --fp8_base/--fp8_base_unet apply (else: refused)."""
     return config.build_parser(
         description,
         add_model_arguments,
         add_dataset_arguments,
         partial(add_training_arguments, default_learning_rate=default_learning_rate),
+        partial(add_fp8_arguments, frozen_base=frozen_base),
         saving,
         *script_groups,
         add_optimizer_arguments,
@@ -201,7 +204,7 @@ def build_data_pipeline(session: Session, conditioning_filter: Any = None) -> Da
                      repeated_batches=counts.repeated_batches)
     loader = data.make_loader(sampler, seed=session.seed, max_train_steps=plan.max_train_steps, caches=caches,
                               conditioning_filter=conditioning_filter,
-                              num_workers=int(args.max_data_loader_n_workers or 0),
+                              num_workers=data_loader_workers(args),
                               persistent_workers=bool(args.persistent_data_loader_workers))
     return DataPipeline(prompt_encoder=prompt_encoder, caches=caches, sampler=sampler, plan=plan, loader=loader)
 

@@ -37,9 +37,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from library.training.sampling import SamplePromptError
     from library.training.loop import TrainingStopped
     from library.training.checkpoints import StateError
+    from library.training.optim import OptimizerArgumentsError
 
     return (OutputError, DatasetConfigError, DatasetProblems, NotCacheableError, ModelLoadError, SamplePromptError,
             LatentEncodingError, TrainingStopped, FileNotFoundError, StartupCheckError, StateError,
+            OptimizerArgumentsError,
             *_network_errors(), *_data_errors())
 
 

@@ -66,6 +66,10 @@ class DatasetConfig:
     source: str = "command line"
     # Loss weight of is_reg subsets; a command-line flag only (kohya has no dataset key for it).
     prior_loss_weight: float = 1.0
+    # kohya's per-dataset multiplier of the trained network: its batches train the network at this strength
+    # (e.g. 1.0 for one state and -1.0 for its opposite, so the LoRA's weight slides between them). Only
+    # train_network.py reads it; batches never mix datasets, so each batch has one multiplier.
+    network_multiplier: float = 1.0
 
 
 def parse_face_crop_range(value: str | Sequence[float]) -> tuple[float, float]:

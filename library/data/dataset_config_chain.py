@@ -8,6 +8,7 @@ line naming where the value was written, and raised together as one DatasetConfi
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import fields, replace
@@ -45,6 +46,7 @@ DATASET_KEYS: dict[str, str] = {
     "bucket_no_upscale": "bool",
     "validation_seed": "int",
     "validation_split": "float",
+    "network_multiplier": "float",
 }
 """Keys of [general] and [[datasets]] (not of subsets): they shape batches and buckets."""
 
@@ -86,12 +88,9 @@ SUBSET_ONLY_KEYS: dict[str, str] = {
 
 PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
 # kohya keys we recognise but do not implement yet: rejected with that reason rather than as typos.
-UNSUPPORTED_KEYS = frozenset({"network_multiplier",
-                               "cache_info"})
+UNSUPPORTED_KEYS = frozenset({"cache_info"})
 # Extra words for some of them.
 UNSUPPORTED_HINTS: dict[str, str] = {
-    "network_multiplier": " (kohya's per-dataset multiplier of the trained LoRA; here every dataset trains at "
-                          "multiplier 1.0: put datasets that need another multiplier in a separate run)",
     "cache_info": " (kohya's metadata_cache.json; start-up here reads only image headers, which is fast, and "
                   "--cache_latents_to_disk caches the latents)",
 }
@@ -175,6 +174,9 @@ def build_dataset(kind: DatasetKind | None, subset_kinds: Sequence[DatasetKind],
     if not 0.0 <= resolved["validation_split"] <= 1.0:
         problems.add(f"{origins['validation_split']}: validation_split = {resolved['validation_split']} "
                      "must be in [0, 1]")
+    if not math.isfinite(resolved["network_multiplier"]):
+        problems.add(f"{origins['network_multiplier']}: network_multiplier = {resolved['network_multiplier']} "
+                     "must be a finite number, e.g. 1.0 or -1.0")
 
     subsets: list[SubsetConfig] = []
     seen: dict[Path, str] = {}

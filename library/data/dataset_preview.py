@@ -35,6 +35,9 @@ def preview_lines(index: DatasetIndex, *, seed: int, count: int = PREVIEW_SAMPLE
                       f"({subset.resize_interpolation or 'lanczos'}), crop left/top {plan.crop_left_top[0]},"
                       f"{plan.crop_left_top[1]}{', flipped' if plan.flipped else ''}")
         reg = " [reg]" if record.is_reg else ""
+        multiplier = index.datasets[record.dataset_index].network_multiplier if index.datasets else 1.0
+        if multiplier != 1.0:  # kohya's debug view shows it too
+            where += f", network multiplier {multiplier:g}"
         lines.append(f"  {number}: {record.image_path} {record.image_size[0]}x{record.image_size[1]}{reg}, {where}; "
                      f"prompt: {prompt!r}")
     return lines

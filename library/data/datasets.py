@@ -226,6 +226,7 @@ class Sample:
     cached: CachedLatents | None = None  # from the latent cache
     text_hidden_states: torch.Tensor | None = None  # (L, D) from the text-encoder output cache
     text_pooled: torch.Tensor | None = None  # (P,) SDXL only
+    network_multiplier: float = 1.0  # its dataset's network_multiplier (kohya's per-dataset key)
 
 
 ConditioningFilter = Callable[[Image.Image], Image.Image]
@@ -303,6 +304,7 @@ class TrainingDataset(Dataset):
             conflicts = latent_cache.conflicts(index) if latent_cache is not None else []
             raise_if_not_cacheable(index, latent_cache is not None, text_cache is not None, conflicts)
         self.records = index.records
+        self.network_multipliers = tuple(dataset.network_multiplier for dataset in index.datasets)
         self.sample_to_record = expand_repeats(index.records)
         self.seed = seed
         self.max_train_steps = max_train_steps
@@ -337,7 +339,8 @@ class TrainingDataset(Dataset):
             hidden, pooled = self.text_cache.get(caption)
         return Sample(pixel_values=pixels, caption=caption, plan=plan, is_reg=record.is_reg,
                       image_path=str(record.image_path), alpha_mask=mask, conditioning_pixel_values=cond,
-                      cached=cached, text_hidden_states=hidden, text_pooled=pooled)
+                      cached=cached, text_hidden_states=hidden, text_pooled=pooled,
+                      network_multiplier=self.network_multipliers[record.dataset_index])
 
 
 def _long(rows: list[tuple[int, int]]) -> torch.Tensor:
@@ -362,7 +365,9 @@ class Batch:
     (multiply by the VAE scaling factor) is set. The SDXL size conditioning is (B,2) long in (h, w) /
     (top, left) order (from the cache file with cached latents). ``alpha_masks`` (B,H,W) holds ones for
     samples without a mask when others have one. ``text_hidden_states`` (B,L,D) and ``text_pooled`` (B,P)
-    (SDXL) come from the text-encoder cache.
+    (SDXL) come from the text-encoder cache. ``network_multipliers`` (B,) float32 holds each sample's dataset
+    ``network_multiplier`` (kohya's batch key of the same name); the bucket sampler never mixes datasets in a
+    batch, so its values are equal. None (a batch built by hand) means 1.0.
     """
 
     captions: list[str]
@@ -378,9 +383,21 @@ class Batch:
     conditioning_pixel_values: torch.Tensor | None = None  # (B,3,H,W) in [-1, 1]
     text_hidden_states: torch.Tensor | None = None
     text_pooled: torch.Tensor | None = None
+    network_multipliers: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def network_multiplier(self) -> float:
+        """The one network multiplier of this batch; a batch mixing multipliers is refused (as kohya does):
+        the network applies one multiplier to the whole forward pass."""
+        if self.network_multipliers is None:
+            return 1.0
+        values = sorted(set(self.network_multipliers.tolist()))
+        if len(values) != 1:
+            raise ValueError(f"a batch mixes network multipliers {values}: batches must come from one dataset "
+                             "(use the bucket batch sampler)")
+        return float(values[0])
 
 
 def collate_samples(samples: Sequence[Sample]) -> Batch:
@@ -414,6 +431,7 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
         text_hidden_states=_all_or_none([s.text_hidden_states for s in samples], "cached text-encoder outputs"),
         text_pooled=_all_or_none([s.text_pooled for s in samples], "cached pooled text-encoder outputs"),
         image_paths=[sample.image_path for sample in samples],
+        network_multipliers=torch.tensor([sample.network_multiplier for sample in samples], dtype=torch.float32),
     )
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from library.toml_values import is_number
+
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 
@@ -61,7 +63,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             round_open.append(len(pieces))
         elif lexeme == "[":
             square_open.append(len(pieces))
-        elif weight is not None and round_open and _is_number(weight):
+        elif weight is not None and round_open and is_number(weight):
             multiply_from(round_open.pop(), float(weight))
         elif lexeme == ")" and round_open:
             multiply_from(round_open.pop(), ROUND_MULTIPLIER)
@@ -81,14 +83,6 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append((piece, weight))
     return merged or [("", 1.0)]
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def token_weights(tokenizer, text: str, max_tokens: int) -> tuple[list[int], list[float]]:

@@ -71,6 +71,10 @@ class Callback:
     def on_train_start(self, run: "TrainingRun", state: TrainState) -> None:
         """Before the first step of this process (step 0, or the resume point)."""
 
+    def before_batch(self, run: "TrainingRun", batch: Batch) -> None:
+        """A batch is about to be trained or validated, before its text is encoded: set what depends on the
+        batch (train_network.py sets the network multiplier of the batch's dataset here)."""
+
     def after_optimizer_step(self, run: "TrainingRun", state: TrainState) -> dict[str, float]:
         """The weights have just stepped: change them (EMA, max-norm) and return scalars to log with the step."""
         return {}
@@ -195,9 +199,15 @@ def _text(run: TrainingRun, batch: Batch, device: torch.device) -> EncodedPrompt
         pooled = batch.text_pooled
         return EncodedPrompts(batch.text_hidden_states.to(device, run.weight_dtype),
                               None if pooled is None else pooled.to(device, run.weight_dtype))
-    with torch.set_grad_enabled(run.trainee.trains_text_encoder):
+    # Under autocast, as kohya encodes: adapters on the text encoder (LyCORIS's build float32 weight updates)
+    # then compute in the mixed-precision dtype like the layers they wrap.
+    with torch.set_grad_enabled(run.trainee.trains_text_encoder), _autocast(run):
         encoded = run.prompt_encoder.encode(batch.captions)
     return EncodedPrompts(encoded.hidden_states.to(device), None if encoded.pooled is None else encoded.pooled.to(device))
+
+
+def _autocast(run: TrainingRun) -> contextlib.AbstractContextManager:
+    return run.prepared.autocast() if run.prepared.uses_deepspeed else run.accelerator.autocast()
 
 
 def _loss_for_batch(run: TrainingRun, batch: Batch, step: int, micro_step: int) -> torch.Tensor:
@@ -214,6 +224,8 @@ def batch_loss(run: TrainingRun, batch: Batch, generator: torch.Generator,
     """The weighted loss of one batch; every random draw comes from ``generator`` (timesteps too, unless given)."""
     accelerator = run.accelerator
     device = accelerator.device
+    for callback in run.callbacks:
+        callback.before_batch(run, batch)
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item()))
     latents = _latents(run, batch, device, generator)
     noise = noise_lib.sample_noise(latents, run.noise_options, generator)
@@ -228,7 +240,7 @@ def batch_loss(run: TrainingRun, batch: Batch, generator: torch.Generator,
                                              crop_top_lefts=batch.crop_top_lefts, target_sizes_hw=batch.target_sizes_hw,
                                              device=device, dtype=text.hidden_states.dtype)
     dtype = run.weight_dtype  # every trainee gets its float inputs in the weight dtype, cast here only
-    with run.prepared.autocast() if run.prepared.uses_deepspeed else accelerator.autocast():
+    with _autocast(run):
         prediction = run.trainee.predict(noisy.to(dtype), timesteps, text.hidden_states.to(dtype),
                                          _cast(added, dtype), batch)
     weights = torch.where(batch.is_reg.to(device), run.prior_loss_weight, 1.0).to(torch.float32)

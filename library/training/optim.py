@@ -62,6 +62,10 @@ logger = logging.getLogger(__name__)
 _WORD_LITERALS: Mapping[str, Any] = MappingProxyType({"true": True, "false": False, "none": None, "null": None})
 
 
+class OptimizerArgumentsError(TypeError):
+    """The optimizer class refused ``--optimizer_args`` (a user error: reported as one line)."""
+
+
 def parse_optimizer_args(items: Iterable[str] | None, flag: str = "--optimizer_args") -> dict[str, Any]:
     """`["weight_decay=0.01", "betas=(0.9,0.99)"]` -> `{"weight_decay": 0.01, "betas": (0.9, 0.99)}`.
 
@@ -132,8 +136,8 @@ def build_optimizer(optimizer_type: str | None, params: Iterable[Any], learning_
     try:
         optimizer = cls(groups, lr=lr, **kwargs)
     except TypeError as error:
-        raise TypeError(f"--optimizer_type {name}: {cls.__module__}.{cls.__name__} rejected the arguments "
-                        f"{kwargs} ({error}); check --optimizer_args") from error
+        raise OptimizerArgumentsError(f"--optimizer_type {name}: {cls.__module__}.{cls.__name__} rejected the "
+                                      f"arguments {kwargs} ({error}); check --optimizer_args") from error
 
     if relative_step:
         # Reported LR only (AdafactorSchedule reports it before the first step; the update ignores it).

@@ -86,6 +86,7 @@ class TrainingData:
         for dataset in self.datasets:
             out.append({"batch_size": dataset.batch_size, "resolution": list(dataset.resolution),
                         "enable_bucket": dataset.enable_bucket, "kind": dataset.kind,
+                        "network_multiplier": dataset.network_multiplier,
                         "subsets": [{"image_dir": str(s.image_dir.name) if s.image_dir else None,
                                      "num_repeats": s.num_repeats, "is_reg": s.is_reg,
                                      "class_tokens": s.class_tokens} for s in dataset.subsets]})

@@ -53,6 +53,8 @@ class MetadataFlags:
     network_dropout: float | None = None
     mixed_precision: str | None = None
     full_fp16: bool = False
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
     clip_skip: int | None = None
     max_token_length: int | None = None
     cache_latents: bool = False  # --cache_latents or --cache_latents_to_disk
@@ -103,6 +105,8 @@ def training_metadata(flags: MetadataFlags, *, family: ModelFamily, session_id: 
         "ss_network_args": json.dumps(network_args or {}),
         "ss_mixed_precision": flags.mixed_precision,
         "ss_full_fp16": flags.full_fp16,
+        "ss_fp8_base": flags.fp8_base,
+        "ss_fp8_base_unet": flags.fp8_base_unet,
         "ss_v2": family.kohya_v2,
         "ss_base_model_version": family.base_model_version,
         "ss_clip_skip": flags.clip_skip,

@@ -1,0 +1,226 @@
+"""DoRA (weight-decomposed LoRA) for the native network: ``--network_module networks.lora --network_args dora_wd=True``.
+
+A DoRA module is a LoRA (``lora_down``, ``lora_up``, ``alpha``) plus a trained magnitude per output row,
+``dora_scale``: the layer computes with ``W' = dora_scale * (W + dW) / ||W + dW||`` (`library.adapters.dora`),
+LyCORIS's DoRA with its default ``wd_on_output=True``. The file has LyCORIS's keys (``<name>.lora_down.weight``,
+``<name>.lora_up.weight``, ``<name>.alpha``, ``<name>.dora_scale``), so LyCORIS, ComfyUI and A1111 read it.
+
+The module is attached like every adapter, by adding ``forward(x)`` to the frozen layer's output: that
+contribution is the layer's operation with the weight ``W' - W`` (no bias), so the sum is the layer with ``W'``;
+it is computed as ``(s - 1) W x + s dW x`` with the per-row factor ``s``, without building ``dW``.
+Differences from a LoRA module, all as in LyCORIS:
+  * the multiplier interpolates the rescaling only (``dW`` is always added in full; see `dora_merged_weight`);
+  * ``--network_dropout`` (dropout of the rank activations) has no place in a rebuilt weight and is refused;
+    ``rank_dropout`` drops whole rank components of ``dW`` (one mask per forward pass, rescaled by 1/(1-p))
+    and ``module_dropout`` skips the module;
+  * max-norm regularisation (``--scale_weight_norms``) limits the low-rank part ``dW``.
+
+`networks.lora` picks this class for ``dora_wd=True`` and for files that have ``dora_scale`` keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.adapters.dora import DORA_SCALE_SUFFIX, dora_merged_weight, dora_scale_shape, initial_dora_scale
+from library.adapters.errors import LoRAWeightsError, NetworkArgumentError
+from library.adapters.lora_files import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, lora_delta_weight
+from library.adapters.network_args import NETWORK_KWARGS
+from networks.base import AdapterModule, AdapterNetwork
+
+DORA_KWARG = "dora_wd"  # LyCORIS's --network_args name for DoRA
+_MATMUL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class DoRAModule(AdapterModule):
+    """One DoRA update of a Linear/Conv2d: a LoRA ``up(down(x)) * alpha / rank`` plus ``dora_scale`` per row."""
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
+                 alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, block_index: int = -1) -> None:
+        if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"{lora_name}: DoRA wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
+        if dropout:
+            raise NetworkArgumentError(
+                f"--network_dropout {dropout} does not apply to DoRA (dora_wd=True): DoRA rebuilds the whole weight, "
+                "so there are no rank activations to drop (LyCORIS ignores it too); remove --network_dropout, or "
+                "use rank_dropout=... / module_dropout=... in --network_args")
+        super().__init__(lora_name, org_module, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
+                         module_dropout=module_dropout, block_index=block_index)
+        self.lora_dim = int(lora_dim)
+        weight = org_module.weight
+        factory = {"device": weight.device, "dtype": torch.float32}
+        if isinstance(org_module, nn.Conv2d):
+            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
+                                       org_module.stride, org_module.padding, bias=False, **factory)
+            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, 1, 1, bias=False, **factory)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False, **factory)
+            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        alpha = self.lora_dim if alpha is None or float(alpha) == 0 else float(alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=weight.device))
+        self.dora_scale = nn.Parameter(initial_dora_scale(weight))
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.lora_down, nn.Conv2d)
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, read from the buffer so that loading a file with another alpha takes effect."""
+        return float(self.alpha) / self.lora_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What turns the layer's output ``W x`` into ``W' x``: ``(s - 1) * W x + s * dW x`` with the per-row factor
+        ``s`` of `library.adapters.dora` (LyCORIS's forward computes the layer with ``W' - W``, the same sum).
+
+        ``dW`` is never built: ``||W + dW||`` per row comes from ``||W||``, ``W down^T`` and ``down down^T``
+        (rank-sized products), so the pass costs a LoRA plus one base matmul and keeps no weight-sized tensors
+        for the backward pass. The norm is not detached (gradients flow through it, as in LyCORIS).
+        """
+        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
+            return None
+        weight = self.org_module.weight.detach()
+        if weight.dtype not in _MATMUL_DTYPES:  # e.g. float8 storage: compute in float32
+            weight = weight.to(torch.float32)
+        down, scale = self._down_and_scale()
+        up = self.lora_up.weight
+        factor = self._row_factor(weight, down, up, scale)
+        base = self._base_op(x.to(weight.dtype), weight).to(torch.float32)
+        low_rank = self._up_op(self._down_op(x.to(down.dtype), down), up) * scale
+        if self.is_conv:
+            factor = factor.view(-1, 1, 1)
+        return (factor - 1) * base + factor * low_rank
+
+    def _down_and_scale(self) -> tuple[torch.Tensor, float]:
+        """``lora_down`` and ``alpha / rank``; in training with rank_dropout, whole rank components are dropped
+        (one mask per pass) and the scale keeps the expected update."""
+        down, scale = self.lora_down.weight, self.scale
+        if self.training and self.rank_dropout:
+            keep = (torch.rand(self.lora_dim, device=down.device) > self.rank_dropout).to(down.dtype)
+            down = down * keep.view(-1, *([1] * (down.dim() - 1)))
+            scale = scale / (1.0 - self.rank_dropout)
+        return down, scale
+
+    def _row_factor(self, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+        """``s = multiplier * (dora_scale / ||W + dW|| - 1) + 1`` per output row, float32, with
+        ``||W + dW||^2 = ||W||^2 + 2 scale <W, up down> + scale^2 ||up down||^2`` from rank-sized products."""
+        rows = weight.shape[0]
+        w = weight.reshape(rows, -1)
+        d = down.reshape(down.shape[0], -1)
+        u = up.reshape(rows, -1)
+        cross = (w @ d.to(w.dtype).T).to(torch.float32)  # (rows, rank): W down^T
+        gram = d @ d.T  # (rank, rank)
+        norm_sq = (torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+                   + (2 * scale) * (u * cross).sum(1) + (scale * scale) * ((u @ gram) * u).sum(1))
+        norm = norm_sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt() + torch.finfo(torch.float32).eps
+        factor = self.dora_scale.reshape(rows).to(torch.float32) / norm
+        return factor if self.multiplier == 1 else self.multiplier * (factor - 1) + 1
+
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The frozen layer without its bias: ``W x``."""
+        org = self.org_module
+        if self.is_conv:
+            return F.conv2d(x, weight, None, org.stride, org.padding, org.dilation, org.groups)
+        return F.linear(x, weight)
+
+    def _down_op(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        if self.is_conv:
+            return F.conv2d(x, down, None, self.lora_down.stride, self.lora_down.padding)
+        return F.linear(x, down)
+
+    def _up_op(self, x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, up) if self.is_conv else F.linear(x, up)
+
+    # -- weight arithmetic (the protocol's merge / max-norm / LoRA+ / from-weights hooks) ---------------
+
+    def weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The low-rank part ``dW`` (what max-norm regularisation limits, as LyCORIS does); the weight DoRA
+        computes with is `merged_weight`."""
+        down = self.lora_down.weight.to(device, torch.float32)
+        up = self.lora_up.weight.to(device, torch.float32)
+        return lora_delta_weight(down, up, self.scale)
+
+    def merged_weight_delta(self, weights_sd: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor | None:
+        """The low-rank part ``dW`` of this module's tensors in ``weights_sd`` (None where the file has none)."""
+        down = weights_sd.get(self.lora_name + DOWN_SUFFIX)
+        if down is None:
+            return None
+        up = weights_sd[self.lora_name + UP_SUFFIX]
+        alpha = weights_sd.get(self.lora_name + ALPHA_SUFFIX)
+        scale = (float(alpha) if alpha is not None else down.shape[0]) / down.shape[0]
+        return lora_delta_weight(down.to(device, torch.float32), up.to(device, torch.float32), scale)
+
+    def merged_weight(self, weight: torch.Tensor, weights_sd: dict[str, torch.Tensor],
+                      device: torch.device | str) -> torch.Tensor | None:
+        """``W'`` from ``weights_sd`` at this module's multiplier, float32 (LyCORIS's merge)."""
+        delta = self.merged_weight_delta(weights_sd, device)
+        if delta is None:
+            return None
+        dora_scale = weights_sd[self.lora_name + DORA_SCALE_SUFFIX].to(device, torch.float32)
+        return dora_merged_weight(weight.to(device, torch.float32), delta, dora_scale, self.multiplier)
+
+    def scale_weights(self, ratio: float) -> None:
+        self.lora_up.weight.mul_(math.sqrt(ratio))
+        self.lora_down.weight.mul_(math.sqrt(ratio))
+
+    def plus_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_up.weight]
+
+    @classmethod
+    def dims_from_weights(cls, weights_sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, int], dict[str, float]]:
+        """Rank and alpha per module of a DoRA file; every module must have its ``dora_scale``."""
+        modules_dim, modules_alpha = {}, {}
+        for key, value in weights_sd.items():
+            name, _, rest = key.partition(".")
+            if rest == "alpha":
+                modules_alpha[name] = float(value)
+            elif rest == "lora_down.weight":
+                modules_dim[name] = int(value.shape[0])
+        missing_down = sorted(set(modules_alpha) - set(modules_dim))
+        if missing_down:
+            raise LoRAWeightsError(f"{source}: {missing_down[0]} has an alpha but no lora_down.weight")
+        check_dora_keys(weights_sd, source)
+        return modules_dim, modules_alpha
+
+
+class DoRANetwork(AdapterNetwork):
+    """All DoRA modules for one model, registered under their kohya names (so ``state_dict()`` is the file)."""
+
+    module_class = DoRAModule
+    accepted_kwargs = NETWORK_KWARGS + (DORA_KWARG,)
+
+    def load_state_dict_checked(self, weights_sd: dict[str, torch.Tensor], source: str = "weights") -> Any:
+        """As for LoRA, and a file without ``dora_scale`` (a plain LoRA) is refused: DoRA could not continue it."""
+        check_dora_keys(weights_sd, source)
+        return super().load_state_dict_checked(weights_sd, source)
+
+
+def has_dora_keys(weights_sd: dict[str, torch.Tensor]) -> bool:
+    return any(key.endswith(DORA_SCALE_SUFFIX) for key in weights_sd)
+
+
+def check_dora_keys(weights_sd: dict[str, torch.Tensor], source: str) -> None:
+    """Every module with ``lora_down`` has a ``dora_scale`` of one value per output row."""
+    for key, down in weights_sd.items():
+        if not key.endswith(DOWN_SUFFIX):
+            continue
+        name = key[: -len(DOWN_SUFFIX)]
+        scale = weights_sd.get(name + DORA_SCALE_SUFFIX)
+        if scale is None:
+            raise LoRAWeightsError(
+                f"{source}: {name} has no dora_scale: this is a plain LoRA file, not DoRA; remove dora_wd=True "
+                "from --network_args to train or load it as LoRA")
+        up = weights_sd.get(name + UP_SUFFIX)
+        if up is not None and scale.numel() != up.shape[0]:
+            raise LoRAWeightsError(
+                f"{source}: {name}.dora_scale has shape {tuple(scale.shape)}, expected "
+                f"{dora_scale_shape(up.shape[:1] + down.shape[1:])} (one value per output row, LyCORIS's "
+                "wd_on_output=True); files made with wd_on_output=False are not supported")
