@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from library.models.tiny_models import build_tiny_model
+from train_step import _proc_status_kib, reset_peak_rss  # run as a script, bench/ is on the import path
 
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora_sdxl.py target_modules
 ATTN_SUFFIXES = ("_to_q", "_to_k", "_to_v", "_to_out_0")
@@ -179,24 +180,6 @@ def saved_for_backward_mib(unet: torch.nn.Module, inputs: dict[str, Any], params
     return sum(storages.values()) / 2**20
 
 
-def _status_kib(name: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
 def build_row_model(row: Row, attach: Callable[[Any], tuple[Any, int]] | None,
                     args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any], list[torch.nn.Parameter]]:
     """The tiny SDXL, frozen, with the row's network attached; its inputs; the trainable parameters."""
@@ -237,9 +220,9 @@ def measure_peak(row: Row, attach: Callable[[Any], tuple[Any, int]] | None, args
     for _ in range(3):
         if not reset_peak_rss():
             return
-        start = _status_kib("VmRSS")
+        start = _proc_status_kib("VmRSS")
         step(unet, inputs, params)
-        row.peak_rss_delta_mib.append((_status_kib("VmHWM") - start) / 1024)
+        row.peak_rss_delta_mib.append((_proc_status_kib("VmHWM") - start) / 1024)
 
 
 def peak_in_subprocess(row: Row, args: argparse.Namespace) -> None:

@@ -22,9 +22,15 @@ import torch
 from torch import nn
 
 from library.adapters.blocks import BlockSettings
-from library.adapters.errors import LoRAWeightsError, NetworkArgumentError
+from library.adapters.errors import LoRAWeightsError
 from library.adapters.lora_files import load_lora_state_dict, save_lora_file
-from library.adapters.network_args import DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM, NETWORK_KWARGS, check_probability
+from library.adapters.network_args import (
+    DEFAULT_NETWORK_ALPHA,
+    DEFAULT_NETWORK_DIM,
+    NETWORK_KWARGS,
+    check_probability,
+    text_encoder_lrs,
+)
 from library.adapters.targets import (
     AdapterTarget,
     name_aliases,
@@ -268,7 +274,7 @@ class AdapterNetwork(nn.Module):
         """Param groups (text encoder(s), UNet or UNet per block, LoRA+ groups) and a description of each.
         ``text_encoder_lr`` may list one LR per encoder; missing LRs fall back to ``default_lr``; a group whose
         LR ends up 0 or None is left out (it would not learn)."""
-        te_lrs = self._text_encoder_lrs(text_encoder_lr, default_lr)
+        te_lrs = text_encoder_lrs(text_encoder_lr, default_lr, len(self.text_encoder_prefixes))
         te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
         unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
         self.requires_grad_(True)
@@ -298,20 +304,6 @@ class AdapterNetwork(nn.Module):
                 lr = None if base_unet_lr is None else base_unet_lr * self.blocks.lr_weights[index]
                 add(by_block[index], lr, unet_ratio, f"unet_block{index}")
         return groups, descriptions
-
-    def _text_encoder_lrs(self, text_encoder_lr: float | Sequence[float] | None,
-                          default_lr: float | None) -> list[float | None]:
-        count = len(self.text_encoder_prefixes)
-        if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and len(text_encoder_lr) == 0):
-            return [default_lr] * count
-        if isinstance(text_encoder_lr, (int, float)):
-            return [float(text_encoder_lr)] * count
-        lrs = list(text_encoder_lr)
-        if len(lrs) == 1:
-            return lrs * count
-        if len(lrs) != count:
-            raise NetworkArgumentError(f"text_encoder_lr lists {len(lrs)} values for a model with {count} text encoders")
-        return [default_lr if lr is None else lr for lr in lrs]
 
     # -- max-norm regularisation (--scale_weight_norms) ------------------------------------------------
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from library.adapters.dora import DORA_SCALE_SUFFIX, dora_merged_weight, dora_scale_shape, initial_dora_scale
 from library.adapters.errors import LoRAWeightsError, NetworkArgumentError
-from library.adapters.lora_files import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, lora_delta_weight
+from library.adapters.lora_files import DOWN_SUFFIX, UP_SUFFIX, file_delta_weight, file_dims_and_alphas, lora_delta_weight
 from library.adapters.network_args import NETWORK_KWARGS
 from networks.base import AdapterModule, AdapterNetwork
 
@@ -150,13 +150,7 @@ class DoRAModule(AdapterModule):
 
     def merged_weight_delta(self, weights_sd: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor | None:
         """The low-rank part ``dW`` of this module's tensors in ``weights_sd`` (None where the file has none)."""
-        down = weights_sd.get(self.lora_name + DOWN_SUFFIX)
-        if down is None:
-            return None
-        up = weights_sd[self.lora_name + UP_SUFFIX]
-        alpha = weights_sd.get(self.lora_name + ALPHA_SUFFIX)
-        scale = (float(alpha) if alpha is not None else down.shape[0]) / down.shape[0]
-        return lora_delta_weight(down.to(device, torch.float32), up.to(device, torch.float32), scale)
+        return file_delta_weight(weights_sd, self.lora_name, device)
 
     def merged_weight(self, weight: torch.Tensor, weights_sd: dict[str, torch.Tensor],
                       device: torch.device | str) -> torch.Tensor | None:
@@ -177,18 +171,8 @@ class DoRAModule(AdapterModule):
     @classmethod
     def dims_from_weights(cls, weights_sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, int], dict[str, float]]:
         """Rank and alpha per module of a DoRA file; every module must have its ``dora_scale``."""
-        modules_dim, modules_alpha = {}, {}
-        for key, value in weights_sd.items():
-            name, _, rest = key.partition(".")
-            if rest == "alpha":
-                modules_alpha[name] = float(value)
-            elif rest == "lora_down.weight":
-                modules_dim[name] = int(value.shape[0])
-        missing_down = sorted(set(modules_alpha) - set(modules_dim))
-        if missing_down:
-            raise LoRAWeightsError(f"{source}: {missing_down[0]} has an alpha but no lora_down.weight")
         check_dora_keys(weights_sd, source)
-        return modules_dim, modules_alpha
+        return file_dims_and_alphas(weights_sd, source)
 
 
 class DoRANetwork(AdapterNetwork):

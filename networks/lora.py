@@ -35,7 +35,7 @@ from torch import nn
 
 from library.adapters.dora import DORA_SCALE_SUFFIX
 from library.adapters.errors import LoRAWeightsError, NetworkArgumentError
-from library.adapters.lora_files import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, load_lora_state_dict, lora_delta_weight
+from library.adapters.lora_files import file_delta_weight, file_dims_and_alphas, load_lora_state_dict, lora_delta_weight
 from library.adapters.network_args import NETWORK_KWARGS, flag
 from networks.base import AdapterModule, AdapterNetwork
 from networks.dora import DORA_KWARG, DoRANetwork, has_dora_keys
@@ -150,13 +150,7 @@ class LoRAModule(AdapterModule):
         return lora_delta_weight(down, up, self.scale)
 
     def merged_weight_delta(self, weights_sd: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor | None:
-        down = weights_sd.get(self.lora_name + DOWN_SUFFIX)
-        if down is None:
-            return None
-        up = weights_sd[self.lora_name + UP_SUFFIX]
-        alpha = weights_sd.get(self.lora_name + ALPHA_SUFFIX)
-        scale = (float(alpha) if alpha is not None else down.shape[0]) / down.shape[0]
-        return lora_delta_weight(down.to(device, torch.float32), up.to(device, torch.float32), scale)
+        return file_delta_weight(weights_sd, self.lora_name, device)
 
     def scale_weights(self, ratio: float) -> None:
         self.lora_up.weight.mul_(math.sqrt(ratio))
@@ -168,17 +162,7 @@ class LoRAModule(AdapterModule):
     @classmethod
     def dims_from_weights(cls, weights_sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, int], dict[str, float]]:
         """Rank (``lora_down.shape[0]``) and alpha per module of a kohya LoRA file; alpha missing: the rank."""
-        modules_dim, modules_alpha = {}, {}
-        for key, value in weights_sd.items():
-            name, _, rest = key.partition(".")
-            if rest == "alpha":
-                modules_alpha[name] = float(value)
-            elif rest == "lora_down.weight":
-                modules_dim[name] = int(value.shape[0])
-        missing_down = sorted(set(modules_alpha) - set(modules_dim))
-        if missing_down:
-            raise LoRAWeightsError(f"{source}: {missing_down[0]} has an alpha but no lora_down.weight")
-        return modules_dim, modules_alpha
+        return file_dims_and_alphas(weights_sd, source)
 
 
 class LoRANetwork(AdapterNetwork):

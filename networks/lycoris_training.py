@@ -25,7 +25,7 @@ from torch import nn
 
 from library.adapters.blocks import block_lr_weights
 from library.adapters.errors import NetworkArgumentError
-from library.adapters.network_args import loraplus_kwargs
+from library.adapters.network_args import loraplus_kwargs, text_encoder_lrs
 from library.models.families import SD1, ModelFamily, family_of_unet
 
 BLOCK_LR_KWARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
@@ -144,7 +144,7 @@ def optimizer_param_groups(*, text_encoder_modules: Sequence[nn.Module], unet_mo
                 descriptions.append(label + suffix)
 
     by_encoder = _by_text_encoder(text_encoder_modules)
-    te_lrs = _text_encoder_lrs(text_encoder_lr, default_lr, len(by_encoder))
+    te_lrs = text_encoder_lrs(text_encoder_lr, default_lr, len(by_encoder))
     for (label, modules), lr in zip(by_encoder, te_lrs):
         add(modules, lr, te_ratio, label)
     base_lr = unet_lr if unet_lr is not None else default_lr
@@ -187,21 +187,6 @@ def _by_text_encoder(modules: Sequence[nn.Module]) -> list[tuple[str, list[nn.Mo
     if list(groups) == ["te"] or not groups:
         return [("textencoder", groups.get("te", []))]
     return [(f"textencoder {i}", groups.get(f"te{i}", [])) for i in (1, 2)]
-
-
-def _text_encoder_lrs(text_encoder_lr: float | Sequence[float] | None, default_lr: float | None,
-                      count: int) -> list[float | None]:
-    """One LR per encoder: ``--text_encoder_lr`` (one value, or one per encoder), else the default."""
-    if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and not text_encoder_lr):
-        return [default_lr] * count
-    if isinstance(text_encoder_lr, (int, float)):
-        return [float(text_encoder_lr)] * count
-    lrs = list(text_encoder_lr)
-    if len(lrs) == 1:
-        return lrs * count
-    if len(lrs) != count:
-        raise NetworkArgumentError(f"--text_encoder_lr lists {len(lrs)} values for a model with {count} text encoders")
-    return [default_lr if lr is None else lr for lr in lrs]
 
 
 def _no_up_message(setting: str, what: str) -> str:

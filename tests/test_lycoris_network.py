@@ -21,7 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 import lycoris.kohya
 import train_network
 from library.adapters.targets import text_encoder_prefixes, text_encoder_targets, unet_targets
-from networks import lycoris as lycoris_network
+from networks import lycoris_kohya as lycoris_network
 from networks.lycoris_view import kohya_text_encoder_view, kohya_unet_view
 from networks.plugin import import_network_module
 from tests.helpers.user_paths import lora_args

@@ -75,6 +75,33 @@ class LoRAFactors:
         return lora_delta_weight(self.down.float(), self.up.float(), self.scale)
 
 
+def file_delta_weight(weights_sd: dict[str, torch.Tensor], lora_name: str,
+                      device: torch.device | str) -> torch.Tensor | None:
+    """The float32 update ``up @ down * alpha / rank`` of module ``lora_name`` in a file (None if it has none)."""
+    down = weights_sd.get(lora_name + DOWN_SUFFIX)
+    if down is None:
+        return None
+    up = weights_sd[lora_name + UP_SUFFIX]
+    alpha = weights_sd.get(lora_name + ALPHA_SUFFIX)
+    scale = (float(alpha) if alpha is not None else down.shape[0]) / down.shape[0]
+    return lora_delta_weight(down.to(device, torch.float32), up.to(device, torch.float32), scale)
+
+
+def file_dims_and_alphas(weights_sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, int], dict[str, float]]:
+    """Rank (``lora_down.shape[0]``) and alpha per module of a kohya LoRA/DoRA file; alpha missing: the rank."""
+    modules_dim, modules_alpha = {}, {}
+    for key, value in weights_sd.items():
+        name, _, rest = key.partition(".")
+        if rest == "alpha":
+            modules_alpha[name] = float(value)
+        elif rest == "lora_down.weight":
+            modules_dim[name] = int(value.shape[0])
+    missing_down = sorted(set(modules_alpha) - set(modules_dim))
+    if missing_down:
+        raise LoRAWeightsError(f"{source}: {missing_down[0]} has an alpha but no lora_down.weight")
+    return modules_dim, modules_alpha
+
+
 def lora_part(name: str) -> str:
     """unet / te / te1 / te2 from the kohya prefix; "other" for names that follow no kohya prefix."""
     for prefix, part in PARTS:

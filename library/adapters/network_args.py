@@ -3,6 +3,7 @@ callers, kohya's defaults, and the checks that refuse a value no network can use
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from library.adapters.errors import NetworkArgumentError
@@ -68,3 +69,18 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
             raise ValueError(f"--network_args {item!r}: expected key=value")
         result[key.strip()] = value.strip()
     return result
+
+
+def text_encoder_lrs(text_encoder_lr: float | Sequence[float | None] | None, default_lr: float | None,
+                     count: int) -> list[float | None]:
+    """One LR per text encoder: ``--text_encoder_lr`` (one value, or one per encoder), else the default."""
+    if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and not text_encoder_lr):
+        return [default_lr] * count
+    if isinstance(text_encoder_lr, (int, float)):
+        return [float(text_encoder_lr)] * count
+    lrs = list(text_encoder_lr)
+    if len(lrs) == 1:
+        return lrs * count
+    if len(lrs) != count:
+        raise NetworkArgumentError(f"--text_encoder_lr lists {len(lrs)} values for a model with {count} text encoders")
+    return [default_lr if lr is None else lr for lr in lrs]
