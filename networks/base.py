@@ -14,6 +14,7 @@ any module class. kohya's entry points for a network class are in `networks.plug
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -23,7 +24,7 @@ from torch import nn
 
 from library.adapters.blocks import BlockSettings
 from library.adapters.errors import LoRAWeightsError
-from library.adapters.lora_files import load_lora_state_dict, save_lora_file
+from library.adapters.lora_files import file_delta_weight, load_lora_state_dict, lora_delta_weight, save_lora_file
 from library.adapters.network_args import (
     DEFAULT_NETWORK_ALPHA,
     DEFAULT_NETWORK_DIM,
@@ -130,6 +131,66 @@ class AdapterModule(nn.Module):
     def dims_from_weights(cls, weights_sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, int], dict[str, float]]:
         """(dim, alpha) per module name of a weights file, to build a network shaped like it."""
         raise NotImplementedError
+
+
+def low_rank_layers(org_module: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+    """``(down, up)`` in float32 for a Linear/Conv2d target, as kohya makes them: ``down`` has the target's kernel,
+    stride and padding (LoCon), ``up`` is 1x1; ``down`` kaiming-uniform, ``up`` zero, so the update starts at 0."""
+    factory = {"device": org_module.weight.device, "dtype": torch.float32}
+    if isinstance(org_module, nn.Conv2d):
+        down: nn.Module = nn.Conv2d(org_module.in_channels, rank, org_module.kernel_size, org_module.stride,
+                                    org_module.padding, bias=False, **factory)
+        up: nn.Module = nn.Conv2d(rank, org_module.out_channels, 1, 1, bias=False, **factory)
+    else:
+        down = nn.Linear(org_module.in_features, rank, bias=False, **factory)
+        up = nn.Linear(rank, org_module.out_features, bias=False, **factory)
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    nn.init.zeros_(up.weight)
+    return down, up
+
+
+class LowRankModule(AdapterModule):
+    """An adapter built on kohya's ``lora_down``/``lora_up`` pair and ``alpha`` buffer (LoRA, DoRA): their shared
+    construction and weight arithmetic; a kind adds its forward and whatever else it stores."""
+
+    kind: ClassVar[str] = "LoRA"
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
+                 alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, block_index: int = -1) -> None:
+        if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"{lora_name}: {self.kind} wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
+        super().__init__(lora_name, org_module, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
+                         module_dropout=module_dropout, block_index=block_index)
+        self.lora_dim = int(lora_dim)
+        self.lora_down, self.lora_up = low_rank_layers(org_module, self.lora_dim)
+        alpha = self.lora_dim if alpha is None or float(alpha) == 0 else float(alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=org_module.weight.device))
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.lora_down, nn.Conv2d)
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, read from the buffer so that loading a file with another alpha takes effect."""
+        return float(self.alpha) / self.lora_dim
+
+    def weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``up @ down * alpha / rank`` (DoRA: the low-rank part, which max-norm limits, as LyCORIS does)."""
+        down = self.lora_down.weight.to(device, torch.float32)
+        up = self.lora_up.weight.to(device, torch.float32)
+        return lora_delta_weight(down, up, self.scale)
+
+    def merged_weight_delta(self, weights_sd: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor | None:
+        return file_delta_weight(weights_sd, self.lora_name, device)
+
+    def scale_weights(self, ratio: float) -> None:
+        self.lora_up.weight.mul_(math.sqrt(ratio))
+        self.lora_down.weight.mul_(math.sqrt(ratio))
+
+    def plus_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_up.weight]
 
 
 class AdapterNetwork(nn.Module):

@@ -20,7 +20,6 @@ Differences from a LoRA module, all as in LyCORIS:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -29,53 +28,30 @@ from torch import nn
 
 from library.adapters.dora import DORA_SCALE_SUFFIX, dora_merged_weight, dora_scale_shape, initial_dora_scale
 from library.adapters.errors import LoRAWeightsError, NetworkArgumentError
-from library.adapters.lora_files import DOWN_SUFFIX, UP_SUFFIX, file_delta_weight, file_dims_and_alphas, lora_delta_weight
+from library.adapters.lora_files import DOWN_SUFFIX, UP_SUFFIX, file_dims_and_alphas
 from library.adapters.network_args import NETWORK_KWARGS
-from networks.base import AdapterModule, AdapterNetwork
+from networks.base import AdapterNetwork, LowRankModule
 
 DORA_KWARG = "dora_wd"  # LyCORIS's --network_args name for DoRA
 _MATMUL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-class DoRAModule(AdapterModule):
+class DoRAModule(LowRankModule):
     """One DoRA update of a Linear/Conv2d: a LoRA ``up(down(x)) * alpha / rank`` plus ``dora_scale`` per row."""
+
+    kind = "DoRA"
 
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
                  alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, block_index: int = -1) -> None:
-        if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"{lora_name}: DoRA wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
         if dropout:
             raise NetworkArgumentError(
                 f"--network_dropout {dropout} does not apply to DoRA (dora_wd=True): DoRA rebuilds the whole weight, "
                 "so there are no rank activations to drop (LyCORIS ignores it too); remove --network_dropout, or "
                 "use rank_dropout=... / module_dropout=... in --network_args")
-        super().__init__(lora_name, org_module, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
-                         module_dropout=module_dropout, block_index=block_index)
-        self.lora_dim = int(lora_dim)
-        weight = org_module.weight
-        factory = {"device": weight.device, "dtype": torch.float32}
-        if isinstance(org_module, nn.Conv2d):
-            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
-                                       org_module.stride, org_module.padding, bias=False, **factory)
-            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, 1, 1, bias=False, **factory)
-        else:
-            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False, **factory)
-            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        alpha = self.lora_dim if alpha is None or float(alpha) == 0 else float(alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=weight.device))
-        self.dora_scale = nn.Parameter(initial_dora_scale(weight))
-
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.lora_down, nn.Conv2d)
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, read from the buffer so that loading a file with another alpha takes effect."""
-        return float(self.alpha) / self.lora_dim
+        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, dropout, rank_dropout, module_dropout,
+                         block_index)
+        self.dora_scale = nn.Parameter(initial_dora_scale(org_module.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """What turns the layer's output ``W x`` into ``W' x``: ``(s - 1) * W x + s * dW x`` with the per-row factor
@@ -141,17 +117,6 @@ class DoRAModule(AdapterModule):
 
     # -- weight arithmetic (the protocol's merge / max-norm / LoRA+ / from-weights hooks) ---------------
 
-    def weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The low-rank part ``dW`` (what max-norm regularisation limits, as LyCORIS does); the weight DoRA
-        computes with is `merged_weight`."""
-        down = self.lora_down.weight.to(device, torch.float32)
-        up = self.lora_up.weight.to(device, torch.float32)
-        return lora_delta_weight(down, up, self.scale)
-
-    def merged_weight_delta(self, weights_sd: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor | None:
-        """The low-rank part ``dW`` of this module's tensors in ``weights_sd`` (None where the file has none)."""
-        return file_delta_weight(weights_sd, self.lora_name, device)
-
     def merged_weight(self, weight: torch.Tensor, weights_sd: dict[str, torch.Tensor],
                       device: torch.device | str) -> torch.Tensor | None:
         """``W'`` from ``weights_sd`` at this module's multiplier, float32 (LyCORIS's merge)."""
@@ -160,13 +125,6 @@ class DoRAModule(AdapterModule):
             return None
         dora_scale = weights_sd[self.lora_name + DORA_SCALE_SUFFIX].to(device, torch.float32)
         return dora_merged_weight(weight.to(device, torch.float32), delta, dora_scale, self.multiplier)
-
-    def scale_weights(self, ratio: float) -> None:
-        self.lora_up.weight.mul_(math.sqrt(ratio))
-        self.lora_down.weight.mul_(math.sqrt(ratio))
-
-    def plus_parameters(self) -> list[nn.Parameter]:
-        return [self.lora_up.weight]
 
     @classmethod
     def dims_from_weights(cls, weights_sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, int], dict[str, float]]:

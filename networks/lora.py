@@ -35,9 +35,9 @@ from torch import nn
 
 from library.adapters.dora import DORA_SCALE_SUFFIX
 from library.adapters.errors import LoRAWeightsError, NetworkArgumentError
-from library.adapters.lora_files import file_delta_weight, file_dims_and_alphas, load_lora_state_dict, lora_delta_weight
+from library.adapters.lora_files import file_dims_and_alphas, load_lora_state_dict, lora_delta_weight
 from library.adapters.network_args import NETWORK_KWARGS, flag
-from networks.base import AdapterModule, AdapterNetwork
+from networks.base import AdapterNetwork, LowRankModule
 from networks.dora import DORA_KWARG, DoRANetwork, has_dora_keys
 from networks.plugin import adapter_network_from_weights, create_adapter_network
 
@@ -48,7 +48,7 @@ __all__ = ["DoRANetwork", "LoRAModule", "LoRANetwork", "create_network", "create
            "LoRAWeightsError", "NetworkArgumentError"]
 
 
-class LoRAModule(AdapterModule):
+class LoRAModule(LowRankModule):
     """One low-rank update ``up(down(x)) * multiplier * alpha / rank`` added to an existing Linear/Conv2d.
 
     Its state dict holds only ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` (kohya's file layout).
@@ -57,33 +57,8 @@ class LoRAModule(AdapterModule):
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
                  alpha: float | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, block_index: int = -1) -> None:
-        if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"{lora_name}: LoRA wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
-        super().__init__(lora_name, org_module, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
-                         module_dropout=module_dropout, block_index=block_index)
-        self.lora_dim = int(lora_dim)
-        weight = org_module.weight
-        factory = {"device": weight.device, "dtype": torch.float32}
-        if isinstance(org_module, nn.Conv2d):
-            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
-                                       org_module.stride, org_module.padding, bias=False, **factory)
-            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, 1, 1, bias=False, **factory)
-        else:
-            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False, **factory)
-            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        alpha = self.lora_dim if alpha is None or float(alpha) == 0 else float(alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=weight.device))
-
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.lora_down, nn.Conv2d)
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, read from the buffer so that loading a file with another alpha takes effect."""
-        return float(self.alpha) / self.lora_dim
+        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, dropout, rank_dropout, module_dropout,
+                         block_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA's contribution for input ``x`` (what is added to the original output), or None when
@@ -143,21 +118,6 @@ class LoRAModule(AdapterModule):
     # -- weight arithmetic (the protocol's merge / max-norm / LoRA+ / from-weights hooks) ---------------
 
     delta_weight = staticmethod(lora_delta_weight)
-
-    def weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
-        down = self.lora_down.weight.to(device, torch.float32)
-        up = self.lora_up.weight.to(device, torch.float32)
-        return lora_delta_weight(down, up, self.scale)
-
-    def merged_weight_delta(self, weights_sd: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor | None:
-        return file_delta_weight(weights_sd, self.lora_name, device)
-
-    def scale_weights(self, ratio: float) -> None:
-        self.lora_up.weight.mul_(math.sqrt(ratio))
-        self.lora_down.weight.mul_(math.sqrt(ratio))
-
-    def plus_parameters(self) -> list[nn.Parameter]:
-        return [self.lora_up.weight]
 
     @classmethod
     def dims_from_weights(cls, weights_sd: dict[str, torch.Tensor], source: str) -> tuple[dict[str, int], dict[str, float]]:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -103,3 +103,13 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tools.make_sample_dataset import make_sample_dataset
 
     return make_sample_dataset(tmp_path_factory.mktemp("shapes_data") / "shapes", count=6, size=96, seed=0).parent
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matrices: one thread is faster, and a shared CPU makes multi-threaded QR/SVD crawl
+    (request it from a module's autouse fixture, so it comes before the module's other fixtures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

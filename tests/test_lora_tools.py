@@ -23,17 +23,16 @@ from library.adapters.lora_extract import extract_lora_state_dict, low_rank_fact
 from networks.lora import LoRAModule, create_network, create_network_from_weights
 from library.adapters.lora_resize import choose_rank, rank_by_sv_cumulative, rank_by_sv_fro, rank_by_sv_ratio, resize_lora_modules
 
-ATOL = 1e-5
+# float32 UNet outputs of a merged model vs the same LoRAs hooked: W x + dW x and (W + dW) x round differently, and
+# which CPU GEMM kernel runs depends on memory layout (so on what ran before in the process): up to ~6e-5 seen
+# on outputs of magnitude ~2, against changes of more than 1e-2 that the merges make.
+ATOL = 1e-4
 SAI = "https://github.com/Stability-AI/generative-models"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and a shared CPU makes multi-threaded QR/SVD crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Before any other fixture of the module (autouse), so models are built and merged on one thread."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers

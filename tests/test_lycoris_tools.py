@@ -46,11 +46,8 @@ Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Before any other fixture of the module (autouse), so models are built and merged on one thread."""
 
 
 def state(model) -> dict[str, torch.Tensor]:
