@@ -38,6 +38,7 @@ from library.training.checkpoints import SINGLE_FILE_FORMATS
 from library.models.loading import StableDiffusionModel, save_single_file
 from library.models.model_spec import ModelSpec, fill_in_hash
 from library.data.datasets import Batch
+from library.data.pixels import normalize_pixels
 from library.training.loop import Callback
 
 def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,10 +123,11 @@ class ControlNetTrainee:
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor] | None, batch: Batch) -> torch.Tensor:
         dtype = noisy_latents.dtype  # the weight dtype: the residuals join the UNet in it
-        # diffusers' ControlNets take the condition in [0, 1]; the dataset gives [-1, 1]. Dropout makes it black.
+        # diffusers' ControlNets take the condition in [0, 1]; the dataset gives uint8, normalised here on the
+        # device to [-1, 1] and then to [0, 1] (the values the float batches gave). Dropout makes it black.
         if batch.conditioning_pixel_values is None:
             raise ValueError("ControlNet training needs a conditioning image for every sample")
-        condition = (batch.conditioning_pixel_values.to(noisy_latents.device, torch.float32) + 1) / 2
+        condition = (normalize_pixels(batch.conditioning_pixel_values.to(noisy_latents.device)) + 1) / 2
         if self.dropout_rate and self.controlnet.training:
             condition = conditioning.apply_conditioning_dropout(condition, self.dropout_rate, fill=0.0)
         down, mid = self.forward_controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,

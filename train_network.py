@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from library.adapters.errors import NetworkArgumentError
 from library.adapters.network_args import parse_network_args
 from library.cli import config
+from library.cli.accelerate_args import fsdp_refused
 from library.cli.fp8_args import fp8_options_from_args
 from library.cli.metadata_args import model_spec_from_args
 from library.cli.training_args import add_saving_arguments, metadata_flags_from_args
@@ -68,10 +69,12 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return script_flow.build_script_parser(
+    parser = script_flow.build_script_parser(
         __doc__, 1e-4,
         partial(add_saving_arguments, model_formats=("safetensors", "ckpt", "pt"), default_model_format="safetensors"),
         add_network_arguments, add_fused_backward_arguments, frozen_base=True)
+    config.add_validator(parser, fsdp_refused("train_network.py"))
+    return parser
 
 
 class LoraUNet(nn.Module):
@@ -115,6 +118,10 @@ class LoraTrainee:
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"lora_unet": self.model}
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        """What a save writes: only the network's weights need gathering under ZeRO-3, not the frozen UNet's."""
+        return {"network": self.network}
 
     def use_prepared(self, modules: dict[str, nn.Module]) -> None:
         self.forward_model = modules["lora_unet"]

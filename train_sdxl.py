@@ -154,6 +154,11 @@ def train_sdxl(args: argparse.Namespace, parser: argparse.ArgumentParser, *, cal
     if args.train_text_encoder and caching_text:
         parser.error("--cache_text_encoder_outputs cannot be used with --train_text_encoder: "
                      "a trained text encoder changes its outputs, so the cache would be stale after one step")
+    if args.train_text_encoder and args.deepspeed and args.zero_stage == 3:
+        # measured (DeepSpeed 0.19): CLIP's embeddings read position_embedding.weight.shape outside that module's
+        # forward, where ZeRO-3 holds an empty placeholder; marking them ZeRO-3 leaves fails in backward instead
+        parser.error("--train_text_encoder cannot be used with --deepspeed --zero_stage 3 (DeepSpeed cannot shard "
+                     "CLIP's embeddings): use --zero_stage 2, or --fsdp")
     block_lrs = parse_block_lr(args.block_lr) if args.block_lr else None
 
     session = script_flow.open_session(args, support={"dreambooth", "finetuning"}, required_family=SDXL)

@@ -33,6 +33,9 @@ LoRA weights. That row measures the model step only: no data pipeline, VAE or te
 --cache_latents --cache_text_encoder_outputs --network_train_unet_only). On CPU it refuses unless
 ``--allow_cpu`` (minutes per step). Not run by CI.
 
+Sharded rows (ZeRO-3 / FSDP2 memory per process of the full-size SDXL fine-tune, a GPU machine): bench/sharded_step.py
+under ``accelerate launch --num_processes N`` with ``--mode zero3|zero3_offload|fsdp|fsdp_offload|ddp``.
+
 Full fine-tune rows (``--trainers finetune``, ``FINETUNE_SETUPS``): each setup is a list of ``train_sdxl.py``
 flags (optimizer, --gradient_checkpointing, --fused_backward_pass, --use_ema --ema_device cpu). Tiny rows run
 ``train_sdxl.main([...])`` on the tiny SDXL folder, timed by the same clock callback (the script's EMA

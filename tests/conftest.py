@@ -17,6 +17,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from library.models.tiny_models import make_tiny_model
+from tests.helpers.in_process import run_main_in_process
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 
@@ -82,6 +83,20 @@ def run_script() -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture
+def run_in_process(monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.CompletedProcess]:
+    """Like ``run_script``, but ``main(argv)`` runs in this process (tests/helpers/in_process.py): for the further
+    refusal cases of a path whose first case already ran as a real subprocess."""
+
+    def run(script: str, args: list[str], expect_rc: int | None = 0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        return _checked(run_main_in_process(script, args), expect_rc)
+
+    return run
+
+
+@pytest.fixture
 def launch_two_cpu_processes() -> Callable[..., subprocess.CompletedProcess]:
     """``launch(script, args, expect_rc=0)``: `accelerate launch --multi_gpu --num_processes 2` of a repo script
     on the CPU (a free port, one thread per process); checks the exit code like ``run_script``."""
@@ -113,3 +128,21 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_PROCESS_FIXTURES = {"run_script", "launch_two_cpu_processes"}
+_PROCESS_CALLS = ("subprocess.run(", "subprocess.Popen(", "accelerate.commands.launch")
+
+
+def _starts_processes(module: object) -> bool:
+    return any(call in Path(module.__file__).read_text() for call in _PROCESS_CALLS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules whose tests start processes run first (whole modules, so module fixtures are built once): the
+    two workers then end on short in-process tests instead of one worker idling while the other runs a long
+    launch at the very end."""
+    modules = {item.module.__name__: item.module for item in items}
+    first = {name for name, module in modules.items() if _starts_processes(module)}
+    first |= {item.module.__name__ for item in items if _PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: item.module.__name__ not in first)

@@ -159,12 +159,12 @@ def test_deepspeed_plugin_config_comes_from_the_flags():
     assert "gradient_clipping" not in no_clip.deepspeed_config
 
     stage3 = build_deepspeed_plugin(make_args(
-        "--deepspeed", "--zero_stage", "3", "--zero3_init_flag", "--zero3_save_16bit_model",
+        "--deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model",
         "--offload_param_device", "nvme", "--offload_param_nvme_path", "/nvme"))
     zero = stage3.deepspeed_config["zero_optimization"]
     assert (zero["stage"], zero["offload_param"], zero["stage3_gather_16bit_weights_on_model_save"]) == (
         3, {"device": "nvme", "nvme_path": "/nvme"}, True)
-    assert stage3.zero3_init_flag is True
+    assert stage3.zero3_init_flag is False
 
     fp16_master = build_deepspeed_plugin(make_args(
         "--deepspeed", "--mixed_precision", "fp16", "--offload_optimizer_device", "cpu",
@@ -174,6 +174,7 @@ def test_deepspeed_plugin_config_comes_from_the_flags():
 
 @pytest.mark.parametrize("argv, message", [
     (["--zero3_init_flag"], "--zero3_init_flag only applies with --deepspeed"),
+    (["--deepspeed", "--zero_stage", "3", "--zero3_init_flag"], "--zero3_init_flag is not supported: transformers"),
     (["--deepspeed", "--ddp_static_graph"], "--ddp_static_graph configures DDP, which --deepspeed replaces"),
     (["--deepspeed", "--offload_param_device", "cpu"], "--offload_param_device needs --zero_stage 3 (got 2)"),
     (["--deepspeed", "--offload_optimizer_device", "nvme"],

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.data.datasets import SampleKey, TrainingDataset, collate_samples
 from library.data.dataset_index import load_dataset_index
+from library.data.pixels import normalize_pixels
 from library.data.records import DatasetProblems
 
 
@@ -42,8 +43,8 @@ def test_prompt_json_pairs_targets_with_sources(tmp_path):
     dataset = TrainingDataset(index, seed=0)
     batch = collate_samples([dataset[SampleKey(i, epoch=e)] for i in range(2) for e in (1, 2)])
     # the source is the inverted target, so after the same crop and flip: target + condition == 0 (in [-1, 1])
-    torch.testing.assert_close(batch.pixel_values + batch.conditioning_pixel_values,
-                               torch.zeros_like(batch.pixel_values), atol=1e-6, rtol=0)
+    target, condition = normalize_pixels(batch.pixel_values), normalize_pixels(batch.conditioning_pixel_values)
+    torch.testing.assert_close(target + condition, torch.zeros_like(target), atol=1e-6, rtol=0)
 
 
 def test_prompt_json_problems_are_reported_together(tmp_path):
@@ -71,5 +72,5 @@ def test_conditioning_filter_sees_the_cropped_flipped_target(tmp_path):
     dataset = TrainingDataset(index, seed=0, conditioning_filter=ImageOps.invert)
     batch = collate_samples([dataset[SampleKey(i, epoch=e)] for i in range(3) for e in (1, 2, 3)])
     assert batch.flipped.any() and not batch.flipped.all()
-    torch.testing.assert_close(batch.pixel_values + batch.conditioning_pixel_values,
-                               torch.zeros_like(batch.pixel_values), atol=1e-6, rtol=0)
+    target, condition = normalize_pixels(batch.pixel_values), normalize_pixels(batch.conditioning_pixel_values)
+    torch.testing.assert_close(target + condition, torch.zeros_like(target), atol=1e-6, rtol=0)

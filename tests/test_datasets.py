@@ -29,6 +29,7 @@ from library.data.dataset_index import build_dataset_index, load_dataset_index
 from library.data.record_sources import collect_records
 from library.data.records import DatasetProblems
 from library.data.images import CropPlan, apply_crop_plan, load_image, plan_crop, read_image_size, verify_image
+from library.data.pixels import normalize_pixels
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -56,8 +57,9 @@ def dreambooth(*subsets: SubsetConfig, **kwargs) -> DatasetConfig:
 
 
 def to_uint8(tensor: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, the inverse of images.to_tensor."""
-    return ((tensor.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.int64)
+    """A Sample's (3, H, W) uint8 pixels -> (H, W, 3) as int64 (so differences do not wrap around)."""
+    assert tensor.dtype == torch.uint8
+    return tensor.permute(1, 2, 0).numpy().astype(np.int64)
 
 
 def by_name(records) -> dict:
@@ -376,7 +378,7 @@ def test_color_aug_changes_pixels_but_not_captions(tmp_path: Path) -> None:
     jitter = TrainingDataset(load_dataset_index([make_mixed_dataset(tmp_path, color_aug=True)], min_step=32), seed=3)
     a, b = plain[SampleKey(1, 2, 0)], jitter[SampleKey(1, 2, 0)]
     assert a.caption == b.caption and a.plan == b.plan
-    difference = (a.pixel_values - b.pixel_values).abs().mean().item()
+    difference = (normalize_pixels(a.pixel_values) - normalize_pixels(b.pixel_values)).abs().mean().item()
     assert 0.0 < difference < 0.2  # a small jitter
     assert torch.equal(b.pixel_values, jitter[SampleKey(1, 2, 0)].pixel_values)  # seeded
 
@@ -416,8 +418,9 @@ def test_batch_shapes_and_dtypes(tmp_path: Path) -> None:
     assert sum(len(b.captions) for b in batches) == 16  # 8 images x 2 repeats
     for batch in batches:
         b, _, h, w = batch.pixel_values.shape
-        assert batch.pixel_values.dtype == torch.float32
-        assert -1.0 <= batch.pixel_values.min() and batch.pixel_values.max() <= 1.0
+        assert batch.pixel_values.dtype == torch.uint8  # normalised to [-1, 1] on the device
+        normalized = normalize_pixels(batch.pixel_values)
+        assert normalized.dtype == torch.float32 and -1.0 <= normalized.min() and normalized.max() <= 1.0
         for key in ("original_sizes_hw", "crop_top_lefts", "target_sizes_hw"):
             assert getattr(batch, key).shape == (b, 2) and getattr(batch, key).dtype == torch.long
         assert (batch.target_sizes_hw == torch.tensor([h, w])).all()

@@ -127,11 +127,11 @@ def test_console_log_level_info_shows_info_lines_on_the_console(tiny_model_dirs,
     assert "optimizer: torch.optim.adamw.AdamW, lr=0.001" in result.stderr.splitlines()
 
 
-def test_tracker_config_that_is_not_tables_is_one_error_line(shapes_data, tmp_path, run_script):
+def test_tracker_config_that_is_not_tables_is_one_error_line(shapes_data, tmp_path, run_in_process):
     bad = tmp_path / "trackers.toml"
     bad.write_text('name = "myrun"\n')
-    result = run_script("train_network.py", lora_args(Path(NO_MODEL), shapes_data, tmp_path / "out", 1,
-                                                      "--log_tracker_config", bad), expect_rc=2)
+    result = run_in_process("train_network.py", lora_args(Path(NO_MODEL), shapes_data, tmp_path / "out", 1,
+                                                          "--log_tracker_config", bad), expect_rc=2)
     assert_one_error_line(result, f"--log_tracker_config {bad}", "[wandb]")
 
 

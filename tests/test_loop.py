@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 from library.data.datasets import Batch
 from library.models.families import SD1
@@ -144,6 +145,7 @@ class LoopAccelerator:
     device = torch.device("cpu")
     process_index, num_processes = 0, 1
     is_main_process = is_local_main_process = sync_gradients = True
+    distributed_type = DistributedType.NO  # nothing sharded: saves gather nothing
 
     def __init__(self) -> None:
         self.logged: list[tuple[int, dict[str, float]]] = []
@@ -178,6 +180,9 @@ class SavingTrainee(StubTrainee):
 
     def evaluation_weights(self):
         return contextlib.nullcontext()
+
+    def trainable_modules(self):
+        return {}  # nothing to gather before a save
 
     def save(self, path, step, epoch) -> None:
         path.write_text(f"{step} {epoch}")

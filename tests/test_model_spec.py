@@ -142,10 +142,10 @@ def test_controlnet_file_carries_modelspec(tiny_model_dirs, shapes_data, tmp_pat
     assert meta["ss_steps"] == "1"
 
 
-def test_a_missing_thumbnail_file_is_one_line_before_the_model_loads(shapes_data, tmp_path, run_script):
+def test_a_missing_thumbnail_file_is_one_line_before_the_model_loads(shapes_data, tmp_path, run_in_process):
     missing = tmp_path / "nope.png"
     args = lora_args(tmp_path / "no-model", shapes_data, tmp_path / "out", 1, "--metadata_thumbnail", missing)
-    line = assert_one_error_line(run_script("train_network.py", args, expect_rc=2))
+    line = assert_one_error_line(run_in_process("train_network.py", args, expect_rc=2))
     assert "--metadata_thumbnail" in line and str(missing) in line and "data: URL" in line
     assert not (tmp_path / "out").exists()
 

@@ -28,9 +28,14 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 def test_quick_start_installs_the_project_itself() -> None:
     """Scripts and tools import ``library`` with no ``sys.path`` edits: the project must be installed (editable)."""
     assert all(re.search(r"pip install -e \. ", command) for command in quick_start_commands())
+    # bench/dataloader.py's kohya child process puts kohya's own checkout and a torchvision stand-in on sys.path
+    # (a foreign project under benchmark, not this one)
+    foreign = {ROOT / "bench" / "dataloader.py"}
     for path in [*ROOT.glob("*.py"), *(p for d in ("library", "networks", "tools", "bench") for p in (ROOT / d).rglob("*.py"))]:
         text = path.read_text()
-        assert "sys.path" not in text and "os.environ.setdefault" not in text, path
+        assert ("sys.path" not in text or path in foreign) and "os.environ.setdefault" not in text, path
+    assert "sys.path.insert(0, shim)" in (ROOT / "bench" / "dataloader.py").read_text()  # and only that edit
+    assert (ROOT / "bench" / "dataloader.py").read_text().count("sys.path") == 1
 
 
 def test_tools_run_from_the_root_with_no_path_set_up() -> None:
@@ -77,7 +82,7 @@ def test_every_imported_package_is_a_requirement() -> None:
     for module in declared:
         assert f"{pip_names.get(module, module)}==" in requirements, module
     optional = {"xformers", "bitsandbytes", "deepspeed", "prodigyopt", "lion_pytorch", "dadaptation", "schedulefree",
-                "wandb", "psutil", "lycoris"}
+                "wandb", "psutil", "lycoris", "webdataset", "onnxruntime"}
     imported = set()
     files = [p for folder in ("library", "networks", "tools") for p in (ROOT / folder).rglob("*.py")]
     for path in files + list(ROOT.glob("train_*.py")):

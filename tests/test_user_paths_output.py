@@ -146,12 +146,12 @@ def test_read_only_output_dir_is_one_error_line(run_script, tiny_model_dirs, sha
             assert f"--output_dir {output}" in line and expected in line and "writable" in line
 
 
-def test_an_existing_lora_is_kept_unless_overwrite(run_script, tiny_model_dirs, shapes_data, tmp_path):
+def test_an_existing_lora_is_kept_unless_overwrite(run_script, run_in_process, tiny_model_dirs, shapes_data, tmp_path):
     output = tmp_path / "out"
     args = lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2)
     run_script("train_network.py", args)
     before = fingerprint(output)
-    result = run_script("train_network.py", [*args, "--learning_rate", "1e-2"], expect_rc=1)
+    result = run_in_process("train_network.py", [*args, "--learning_rate", "1e-2"], expect_rc=1)
     line = assert_one_error_line(result)
     assert f"{output / 'lora.safetensors'} already exists" in line and "--overwrite" in line
     assert "model:" not in result.stdout
@@ -161,15 +161,16 @@ def test_an_existing_lora_is_kept_unless_overwrite(run_script, tiny_model_dirs, 
     assert not temp_leftovers(output)
 
 
-def test_an_existing_sdxl_folder_stops_at_start_up_and_is_replaced_with_overwrite(run_script, tiny_model_dirs,
-                                                                                   shapes_data, tmp_path):
+def test_an_existing_sdxl_folder_stops_at_start_up_and_is_replaced_with_overwrite(run_script, run_in_process,
+                                                                                   tiny_model_dirs, shapes_data,
+                                                                                   tmp_path):
     from library.models.loading import load_model
 
     output = tmp_path / "out"
     args = sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 1)  # a folder in, a diffusers folder out
     run_script("train_sdxl.py", args)
     before = fingerprint(output)
-    line = assert_one_error_line(run_script("train_sdxl.py", args, expect_rc=1))  # was FileExistsError after training
+    line = assert_one_error_line(run_in_process("train_sdxl.py", args, expect_rc=1))  # was FileExistsError after training
     assert f"{output / 'model'} already exists" in line and "--overwrite" in line
     assert fingerprint(output) == before
     run_script("train_sdxl.py", [*args, "--learning_rate", "1e-2", "--overwrite"])
@@ -179,10 +180,10 @@ def test_an_existing_sdxl_folder_stops_at_start_up_and_is_replaced_with_overwrit
     load_model(output / "model")
 
 
-def test_output_name_must_be_a_plain_file_name(run_script, tiny_model_dirs, shapes_data, tmp_path):
-    for name in ["../escaped", "sub/lora", ".."]:
+def test_output_name_must_be_a_plain_file_name(run_script, run_in_process, tiny_model_dirs, shapes_data, tmp_path):
+    for run, name in [(run_script, "../escaped"), (run_in_process, "sub/lora"), (run_in_process, "..")]:
         args = lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 2, "--output_name", name)
-        line = assert_one_error_line(run_script("train_network.py", args, expect_rc=1))
+        line = assert_one_error_line(run("train_network.py", args, expect_rc=1))
         assert f"--output_name {name!r} must be a plain file name" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "escaped.safetensors").exists()
 

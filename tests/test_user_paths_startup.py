@@ -1,12 +1,15 @@
 """Issue 9 A1/D12: what the flags ask for is checked before any data or model loads, as a user types it.
 
-Every run here goes through ``python train_*.py`` in a subprocess. Where a check must come before the model
-loads, the model path does not exist: the only way to get the expected message is that the check ran first.
+The first case of each kind runs ``python train_*.py`` in a subprocess; its further cases call the same
+script's ``main(argv)`` in this process (``run_in_process``), where a process costs seconds of imports and
+adds nothing. Where a check must come before the model loads, the model path does not exist: the only way to
+get the expected message is that the check ran first.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,16 +53,17 @@ def test_sampler_needing_a_missing_package_fails_before_the_model_loads(shapes_d
 def test_sampler_named_in_the_prompt_file_is_checked_too(shapes_data, tmp_path, run_script):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a red circle --w 64 --h 64 --s 2 --ss k_lms\n")
-    env = hidden_packages_env(tmp_path / "site", "scipy")
+    env = hidden_packages_env(tmp_path / "site", "scipy")  # diffusers reads it once, at import: a real process
     result = run_script("train_sdxl.py", [*data_args(shapes_data, tmp_path / "out"), "--sample_prompts", prompt_file],
                         expect_rc=1, env=env)
     assert_one_error_line(result, str(prompt_file), "scipy")
 
 
-def test_optimizer_from_a_missing_package_fails_before_the_model_loads(shapes_data, tmp_path, run_script):
-    env = hidden_packages_env(tmp_path / "site", "prodigyopt")
-    result = run_script("train_network.py", [*data_args(shapes_data, tmp_path / "out"), "--optimizer_type", "Prodigy"],
-                        expect_rc=1, env=env)
+def test_optimizer_from_a_missing_package_fails_before_the_model_loads(shapes_data, tmp_path, run_in_process,
+                                                                       monkeypatch):
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # what hidden_packages_env's sitecustomize does
+    result = run_in_process("train_network.py", [*data_args(shapes_data, tmp_path / "out"), "--optimizer_type",
+                                                 "Prodigy"], expect_rc=1)
     assert_one_error_line(result, "--optimizer_type Prodigy", "pip install prodigyopt")
 
 
@@ -95,8 +99,10 @@ def test_k_lms_samples_at_the_first_step_in_a_fresh_output_folder(tiny_model_dir
     ("--learning_rate", "1e39", "overflows float32"),
     ("--max_train_steps", "0", "must be >= 1"),
 ])
-def test_impossible_numbers_are_one_line_naming_the_flag(shapes_data, tmp_path, run_script, flag, value, expected):
-    result = run_script("train_network.py", [*data_args(shapes_data, tmp_path / "out"), flag, value], expect_rc=2)
+def test_impossible_numbers_are_one_line_naming_the_flag(shapes_data, tmp_path, run_script, run_in_process, flag, value,
+                                                         expected):
+    run = run_script if flag == "--gradient_accumulation_steps" else run_in_process  # one real process is enough
+    result = run("train_network.py", [*data_args(shapes_data, tmp_path / "out"), flag, value], expect_rc=2)
     line = assert_one_error_line(result, flag, expected)
     assert "usage:" not in result.stderr, line
 
@@ -106,9 +112,10 @@ def test_impossible_numbers_are_one_line_naming_the_flag(shapes_data, tmp_path, 
     ("train_sdxl.py", "block_lr", '"1,2,3"', "--block_lr takes 23"),
     ("train_controlnet.py", "control_net_lr", "1e40", "overflows float32"),
 ])
-def test_impossible_numbers_in_a_config_file_are_one_line(shapes_data, tmp_path, run_script, script, key, value,
-                                                          expected):
+def test_impossible_numbers_in_a_config_file_are_one_line(shapes_data, tmp_path, run_script, run_in_process, script,
+                                                          key, value, expected):
     config = tmp_path / "config.toml"
     config.write_text(f"[training]\n{key} = {value}\n")
-    result = run_script(script, [*data_args(shapes_data, tmp_path / "out"), "--config_file", config], expect_rc=2)
+    run = run_in_process if key == "block_lr" else run_script  # one real process per script
+    result = run(script, [*data_args(shapes_data, tmp_path / "out"), "--config_file", config], expect_rc=2)
     assert_one_error_line(result, key, expected)

@@ -68,7 +68,8 @@ from library.cache.text_encoder_files import TextEncoderOutputCache, fill_text_e
 from library.data.cacheable import raise_if_not_cacheable, without_dropout
 from library.data.captions import build_prompt
 from library.data.dataset_config import DatasetConfig
-from library.data.images import CropPlan, ImageReadError, apply_crop_plan, load_image, mask_to_tensor, plan_crop, to_tensor
+from library.data.images import (CropPlan, ImageReadError, apply_crop_plan, draft_bucket, load_image, mask_to_tensor,
+                                 plan_crop, to_tensor)
 from library.data.datasets import CachedLatents
 from library.data.records import DatasetIndex, ImageRecord
 from library.data.sharding import rank_share
@@ -181,10 +182,11 @@ def load_job_pixels(job: LatentJob, flipped: bool) -> torch.Tensor | tuple[torch
     (``load_image`` + ``apply_crop_plan`` + ``to_tensor``), so cached and uncached training see the same
     pixels. Returns (pixels, alpha) when the job wants the alpha mask (alpha never flipped)."""
     try:
-        loaded = load_image(job.image_path, keep_alpha=job.alpha_mask)
         plan = CropPlan(original_size=job.original_size, resized_size=job.resized_size,
                         crop_left_top=job.crop_left_top, bucket=job.bucket, flipped=flipped,
                         interpolation=job.interpolation)
+        # reduced JPEG decoding exactly when training without the cache does it, for the same pixels
+        loaded = load_image(job.image_path, keep_alpha=job.alpha_mask, cover_bucket=draft_bucket(plan))
         pixels = to_tensor(apply_crop_plan(loaded.rgb, plan))
         if not job.alpha_mask:
             return pixels

@@ -135,6 +135,8 @@ def fused_backward_flag_error(args: argparse.Namespace) -> str | None:
                 f"gradients: set --gradient_accumulation_steps 1 (got {accumulation})")
     if getattr(args, "deepspeed", False):
         return "--fused_backward_pass cannot be used with --deepspeed (DeepSpeed owns the gradients and the step)"
+    if getattr(args, "fsdp", False):
+        return "--fused_backward_pass cannot be used with --fsdp (FSDP reduces sharded gradients after backward)"
     if getattr(args, "mixed_precision", "no") == "fp16":
         return ("--fused_backward_pass cannot be used with --mixed_precision fp16: the loss scaler must see every "
                 "gradient before any parameter steps. Use --mixed_precision bf16 or no")
@@ -207,6 +209,10 @@ def _check_ema_args(args: argparse.Namespace) -> str | None:
             if getattr(args, dest, unset) != unset:
                 return f"{flag} requires --use_ema"
         return None
+    if getattr(args, "fsdp", False) or (getattr(args, "deepspeed", False) and getattr(args, "zero_stage", 2) == 3):
+        sharder = "--fsdp" if getattr(args, "fsdp", False) else "--deepspeed --zero_stage 3"
+        return (f"--use_ema cannot be used with {sharder}: the average is kept of whole weights, which a sharded "
+                "run does not hold; use --zero_stage 2 or DDP for EMA")
     try:
         ema_settings_from_args(args)
     except ValueError as e:

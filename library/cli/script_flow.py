@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from library.training import accelerate_utils, noise, optim, validation
+from library.training import accelerate_utils, noise, optim, sharded_state, validation
 from library.cli import config
 from library.cli.accelerate_args import accelerator_options_from_args, add_accelerate_arguments
 from library.cli.data_args import add_dataset_arguments, data_loader_workers, latent_cache_mode, text_cache_mode
@@ -43,11 +43,13 @@ from library.cli.training_args import (
     save_settings_from_args,
 )
 from library.training.checkpoints import TrainState
+from library.training.process_count import nodes_in_run
 from library.training.run_settings import run_settings
 from library.training.train_state_io import TrainingStateIO
 from library.models.families import ModelFamily
 from library.models.loading import StableDiffusionModel, load_model
 from library.data.dataset_preview import preview_lines
+from library.data.shard_stream import shard_preview_lines
 from library.training.output_checks import check_outputs, warn_if_disk_short
 from library.cli.preflight import check_run_can_start
 from library.cli.setup_from_args import (
@@ -60,6 +62,7 @@ from library.cli.setup_from_args import (
     user_errors,
 )
 from library.training.run_setup import Caches, TrainingData, fill_caches, move_module
+from library.training.shard_setup import check_shard_resume
 from library.models.text_encoding import PromptEncoder
 from library.training.callbacks import NanGuard
 from library.training.loop import Callback, Trainee, TrainingPlan, TrainingRun, make_plan, train
@@ -133,14 +136,17 @@ def open_session(args: argparse.Namespace, *, support: set[str] | None = None,
     check_outputs(output_options_from_args(args), resume_state)  # an unusable --output_dir or a taken name: before the data and model
     data = build_training_data(args, support)
     if getattr(args, "debug_dataset", False):
-        print("\n".join(preview_lines(data.index, seed=args.seed if args.seed is not None else 0)))
+        seed = args.seed if args.seed is not None else 0
+        print("\n".join(shard_preview_lines(data.shards.source, seed=seed) if data.shards is not None
+                         else preview_lines(data.index, seed=seed)))
         raise DatasetPreviewShown()
     accelerator = accelerate_utils.build_accelerator(accelerator_options_from_args(args))
     seed = accelerate_utils.broadcast_seed(accelerator, resume_state.seed if resume_state else args.seed)
     torch.manual_seed(seed)
-    model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
-                       prediction_type="v_prediction" if args.v_parameterization else None,
-                       mmap=not getattr(args, "disable_mmap_load_safetensors", False))
+    with sharded_state.model_loading(accelerator):  # ZeRO-3: not partitioned by transformers at load
+        model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
+                           prediction_type="v_prediction" if args.v_parameterization else None,
+                           mmap=not getattr(args, "disable_mmap_load_safetensors", False))
     if required_family is not None and model.family is not required_family:
         from library.models.loading import ModelLoadError
 
@@ -194,14 +200,15 @@ def build_data_pipeline(session: Session, conditioning_filter: Any = None) -> Da
                          text_encoder_cache_dir=args.text_encoder_cache_dir)
     sampler, counts = data.make_sampler(seed=session.seed, rank=accelerator.process_index,
                                         world_size=accelerator.num_processes,
-                                        batches_per_step=args.gradient_accumulation_steps)
+                                        batches_per_step=args.gradient_accumulation_steps,
+                                        num_workers=data_loader_workers(args))
     plan = make_plan(num_images=data.num_images, num_reg_images=data.num_reg_images,
                      samples_per_epoch=data.samples_per_epoch, batch_size=data.batch_size,
                      batches_per_epoch_per_process=counts.batches_per_epoch,
                      gradient_accumulation_steps=args.gradient_accumulation_steps,
                      num_processes=accelerator.num_processes, max_train_steps=args.max_train_steps,
                      max_train_epochs=args.max_train_epochs, short_batches=counts.short_batches,
-                     repeated_batches=counts.repeated_batches)
+                     repeated_batches=counts.repeated_batches, num_nodes=nodes_in_run(accelerator.num_processes))
     loader = data.make_loader(sampler, seed=session.seed, max_train_steps=plan.max_train_steps, caches=caches,
                               conditioning_filter=conditioning_filter,
                               num_workers=data_loader_workers(args),
@@ -244,10 +251,12 @@ def run_training(session: Session, pipeline: DataPipeline, trainee: Trainee, *, 
     prompt_encoder = through_prepared(pipeline.prompt_encoder, trainable, prepared.models)
     state_io = TrainingStateIO(accelerator, prepared.models, prepared.optimizer, prepared.lr_scheduler,
                                custom=tuple(register_for_checkpointing),  # e.g. EMA weights: saved with the state
-                               settings=run_settings(vars(args), model.family.name), engine=prepared.engine)
+                               settings=run_settings(vars(args), model.family.name), engine=prepared.engine,
+                               fsdp_root=prepared.fsdp_root)
     start: TrainState | None = None
     if args.resume:
         start = state_io.load(Path(args.resume), family=model.family.name)
+        check_shard_resume(session.data.shards, start, worker_streams=max(1, data_loader_workers(args)))
         accelerator.print(f"resuming from {args.resume}: step {start.global_step}, epoch {start.epoch}")
     start = start_from_args(args, pipeline.plan, session.seed, accelerator, resumed=start)
     noise_options = noise_options_from_args(args)

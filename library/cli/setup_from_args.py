@@ -17,9 +17,10 @@ from library.cli.training_args import attention_flag_in_use
 from library.data.dataset_config_loading import load_dataset_configs
 from library.data.dataset_index import load_dataset_index, split_for_validation
 from library.data.datasets import build_bucket_sampler_inputs
+from library.data.shard_config import uses_shards
 from library.models.families import FINEST_BUCKET_STEP, ModelFamily, detect_family, resolve_family
 from library.models.loading import StableDiffusionModel
-from library.training import sampling
+from library.training import sampling, sharded_state
 from library.training.callbacks import PeriodicSampling
 from library.training.trackers import log_sample_images, start_trackers
 from library.training.run_setup import TrainingData
@@ -77,6 +78,14 @@ def build_training_data(args: argparse.Namespace, support: set[str] | None = Non
 
         raise DatasetConfigError("--masked_loss weights the loss by each image's alpha channel, but no subset loads "
                                  "it: add --alpha_mask (or alpha_mask = true in the dataset config)")
+    if uses_shards(datasets):  # streamed: planned from index.json, no shard is opened before training
+        from library.cli.data_args import text_cache_mode
+        from library.data.records import DatasetIndex
+        from library.data.shard_config import load_shard_run
+
+        shards = load_shard_run(datasets, family=None if family is None else family.name,
+                                text_outputs_wanted=text_cache_mode(args) is not None)
+        return TrainingData(datasets, DatasetIndex(datasets=tuple(datasets), records=()), family, shards=shards)
     index, validation = split_for_validation(load_dataset_index(datasets, min_step=min_step,
                                                                 max_token_length=args.max_token_length or 75))
     return TrainingData(datasets, index, family, build_bucket_sampler_inputs(index), validation)
@@ -142,9 +151,13 @@ def sampling_callback(args: argparse.Namespace, model: StableDiffusionModel, pro
     output_dir = Path(args.output_dir)
 
     def sample(step: int, epoch: int | None) -> None:
+        # ZeRO-3 / FSDP gather each layer's weights collectively as it runs: all ranks draw all prompts
+        lockstep = sharded_state.sampling_in_lockstep(accelerator)
+        split = accelerator.num_processes > 1 and not lockstep
         results = sampling.generate_samples(model, prompt_encoder, prompts, output_dir, args.output_name, step, epoch,
                                             args.sample_sampler, accelerator.device, dtype, controlnet=controlnet,
-                                            distributed_state=accelerator.state if accelerator.num_processes > 1 else None)
+                                            distributed_state=accelerator.state if split else None,
+                                            keep_images=accelerator.is_main_process or not lockstep)
         if measure is not None:
             scalars = measure(results)
             if scalars:

@@ -13,6 +13,7 @@ from library.cli.start_args import add_start_position_arguments
 from library.models.loading import is_single_file
 from library.training.checkpoints import SINGLE_FILE_FORMATS, SaveSettings, TrainState
 from library.training.output_checks import OutputOptions
+from library.training.process_count import launched_processes
 from library.training.resume import prepare_resume
 from library.training.run_settings import run_settings
 from library.training.training_metadata import MetadataFlags
@@ -204,8 +205,10 @@ def output_options_from_args(args: argparse.Namespace) -> OutputOptions:
 
 def resume_from_args(args: argparse.Namespace, printer: Any = print) -> TrainState | None:
     """`prepare_resume` for these flags, its decision written back into the flags: ``--resume auto`` becomes the
-    folder found (or None), and --seed the state's, so what is logged and saved says what the run used. With
-    --resume_from_huggingface the Hub state is downloaded first and --resume becomes its local folder."""
+    folder found (or None), --seed the state's and, for a state of another process count,
+    --gradient_accumulation_steps the one that keeps its global batch, so what is logged and saved says what the
+    run used. With --resume_from_huggingface the Hub state is downloaded first and --resume becomes its local
+    folder."""
     from library.cli.hub_args import hub_resume_folder
 
     downloaded = hub_resume_folder(args)
@@ -215,9 +218,12 @@ def resume_from_args(args: argparse.Namespace, printer: Any = print) -> TrainSta
         output_dir=getattr(args, "output_dir", None), output_name=getattr(args, "output_name", None),
         resume=getattr(args, "resume", None),
         settings=run_settings(vars(args)) if getattr(args, "resume", None) else {},
-        ignore_changes=bool(getattr(args, "resume_ignore_changes", False)), printer=printer)
+        ignore_changes=bool(getattr(args, "resume_ignore_changes", False)), printer=printer,
+        num_processes=launched_processes())
     if decision.folder != getattr(args, "resume", None):
         args.resume = decision.folder
+    if decision.gradient_accumulation_steps is not None:  # a state of another process count: its global batch kept
+        args.gradient_accumulation_steps = decision.gradient_accumulation_steps
     if decision.state is not None:
         args.seed = decision.state.seed
     return decision.state

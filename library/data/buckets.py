@@ -425,9 +425,10 @@ class BucketBatchSampler(Sampler[list[int]]):
     * ``batches_per_step`` (gradient accumulation) pads each rank's share to a whole number of optimizer
       steps the same way, so every epoch ends on an optimizer step: no partial accumulation is carried
       into the next epoch, and an epoch-end checkpoint holds no pending gradients.
-    * ``state_dict``/``load_state_dict`` resume exactly mid-epoch. With DataLoader workers the sampler
-      runs ahead of training (prefetch), so pass the number of batches the loop actually consumed
-      to ``state_dict(batches_done=...)``.
+    * ``state_dict``/``load_state_dict`` resume exactly mid-epoch, also on another world size with the same
+      world_size x batches_per_step (the position in the global order is kept). With DataLoader workers
+      the sampler runs ahead of training (prefetch), so pass the number of batches the loop actually
+      consumed to ``state_dict(batches_done=...)``.
     """
 
     def __init__(
@@ -522,9 +523,17 @@ class BucketBatchSampler(Sampler[list[int]]):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Make the next ``__iter__`` continue at the batch after the last one done in ``state``.
 
-        The saved seed wins over the one given at construction, since the order depends on it.
+        ``global_batches_done`` (batches consumed over all ranks), when given, wins over ``batches_done``: it
+        is the same position in the epoch's global order whatever the process count that saved it, as long as
+        the batches of one optimizer step (``world_size x batches_per_step``) are as many as then. The saved
+        seed wins over the one given at construction, since the order depends on it.
         """
-        epoch, done, seed = int(state["epoch"]), int(state["batches_done"]), int(state["seed"])
+        epoch, done, seed = int(state["epoch"]), int(state.get("batches_done", 0)), int(state["seed"])
+        if "global_batches_done" in state:
+            consumed = int(state["global_batches_done"])
+            if consumed % self.world_size:
+                raise ValueError(f"global_batches_done {consumed} cannot be shared evenly by {self.world_size} ranks")
+            done = consumed // self.world_size
         if not 0 <= done <= len(self):
             raise ValueError(f"batches_done {done} is outside 0..{len(self)} for this sampler")
         if seed != self.seed:

@@ -44,6 +44,10 @@ class SubsetConfig:
     face_crop_aug_range: tuple[float, float] | None = None
     # kohya's free-form table for custom code (e.g. a custom loss), carried unchanged; not part of equality
     custom_attributes: Mapping[str, Any] | None = field(default=None, compare=False)
+    # Streamed webdataset shards instead of a folder: any URL/brace pattern/`pipe:` webdataset opens
+    # (library.data.shard_config); shards_index: their index.json when it is not beside them.
+    shards: str | None = None
+    shards_index: str | None = None
     # Where this subset was declared, for error messages: "cfg.toml [[datasets]] #1 [[datasets.subsets]] #2".
     source: str = "command line"
 

@@ -83,6 +83,8 @@ SUBSET_ONLY_KEYS: dict[str, str] = {
     "conditioning_data_dir": "str",
     "is_reg": "bool",
     "alpha_mask": "bool",
+    "shards": "str",
+    "shards_index": "str",
 }
 """Keys that only make sense for one subset: where its files are and what they are."""
 
@@ -240,7 +242,7 @@ def _build_subset(kind: DatasetKind, chain: Sequence[ConfigLayer], problems: Con
     origins: dict[str, str] = {}
     for key in ("num_repeats", "is_reg", "class_tokens", "caption_extension", "flip_aug", "color_aug",
                 "random_crop", "alpha_mask", "resize_interpolation", "face_crop_aug_range", "custom_attributes",
-                *PATH_KEYS):
+                "shards", "shards_index", *PATH_KEYS):
         values[key], origins[key] = _lookup(key, chain, defaults[key])
 
     if values["resize_interpolation"] is not None and values["resize_interpolation"] not in RESIZE_FILTERS:
@@ -251,7 +253,7 @@ def _build_subset(kind: DatasetKind, chain: Sequence[ConfigLayer], problems: Con
     if kind == "controlnet" and values["random_crop"]:
         problems.add(f"{origins['random_crop']}: random_crop = true is not supported by ControlNet datasets "
                      "(the conditioning image must stay aligned with the target)")
-    if kind in ("dreambooth", "controlnet") and values["image_dir"] is None:
+    if kind in ("dreambooth", "controlnet") and values["image_dir"] is None and values["shards"] is None:
         problems.add(f"{subset_where}: image_dir is missing: a {KIND_LABELS[kind]} subset needs the folder of "
                      "its images")
 
@@ -293,6 +295,8 @@ def _build_subset(kind: DatasetKind, chain: Sequence[ConfigLayer], problems: Con
         resize_interpolation=values["resize_interpolation"],
         face_crop_aug_range=values["face_crop_aug_range"],
         custom_attributes=values["custom_attributes"],
+        shards=values["shards"],
+        shards_index=values["shards_index"],
         source=subset_where,
     )
 

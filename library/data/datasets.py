@@ -44,13 +44,15 @@ from library.data.images import (
     CropPlan,
     apply_crop_plan,
     color_jitter,
+    crop_plan_array,
+    draft_bucket,
     load_image,
     load_rgb,
     mask_to_tensor,
     plan_crop,
     plan_face_crop,
     face_in_file_name,
-    to_tensor,
+    to_uint8_tensor,
 )
 from library.data.records import DatasetIndex, ImageRecord
 
@@ -160,7 +162,8 @@ class KeyedBatchSampler(Sampler[list[SampleKey]]):
         return self._buckets().state_dict(batches_done)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume the wrapped sampler."""
+        """Resume the wrapped sampler at this rank's ``batches_done`` or, when given, at ``global_batches_done``
+        of the epoch's global order (a state saved on another process count)."""
         self._buckets().load_state_dict(state)
 
 
@@ -216,13 +219,13 @@ class Sample:
     (what a conditioning image is cropped with).
     """
 
-    pixel_values: torch.Tensor | None  # (3, H, W) in [-1, 1]; None with cached latents
+    pixel_values: torch.Tensor | None  # (3, H, W) uint8 (library.data.pixels.normalize_pixels); None if cached
     caption: str
     plan: CropPlan
     is_reg: bool
     image_path: str
     alpha_mask: torch.Tensor | None  # (H, W) in [0, 1]
-    conditioning_pixel_values: torch.Tensor | None  # (3, H, W) in [-1, 1]
+    conditioning_pixel_values: torch.Tensor | None  # (3, H, W) uint8, like pixel_values
     cached: CachedLatents | None = None  # from the latent cache
     text_hidden_states: torch.Tensor | None = None  # (L, D) from the text-encoder output cache
     text_pooled: torch.Tensor | None = None  # (P,) SDXL only
@@ -234,37 +237,48 @@ ConditioningFilter = Callable[[Image.Image], Image.Image]
 
 def conditioning_image(record: ImageRecord, plan: CropPlan, conditioning_filter: ConditioningFilter | None = None,
                        cropped_target: Image.Image | None = None) -> torch.Tensor | None:
-    """The ControlNet condition of one draw, pixel-aligned with the target: the record's conditioning image
-    under the target's own crop plan, or ``conditioning_filter`` applied to the cropped target itself."""
+    """The ControlNet condition of one draw as uint8 (3, H, W), pixel-aligned with the target: the record's
+    conditioning image under the target's own crop plan, or ``conditioning_filter`` applied to the cropped
+    target itself."""
     if conditioning_filter is not None:
-        target = cropped_target if cropped_target is not None else apply_crop_plan(load_rgb(record.image_path), plan)
-        return to_tensor(conditioning_filter(target))
+        target = cropped_target if cropped_target is not None else apply_crop_plan(
+            load_rgb(record.image_path, cover_bucket=draft_bucket(plan)), plan)
+        return to_uint8_tensor(conditioning_filter(target))
     if record.conditioning_path is not None:
-        return to_tensor(apply_crop_plan(load_rgb(record.conditioning_path), plan))
+        condition = load_rgb(record.conditioning_path, cover_bucket=draft_bucket(plan))
+        return to_uint8_tensor(crop_plan_array(condition, plan))
     return None
 
 
 def load_sample_pixels(record: ImageRecord, rng: random.Random, conditioning_filter: ConditioningFilter | None = None
                        ) -> tuple[torch.Tensor, CropPlan, torch.Tensor | None, torch.Tensor | None]:
-    """Decode and transform one record's image (and its mask and conditioning image with the same plan)."""
+    """Decode and transform one record's image (and its mask and conditioning image with the same plan).
+
+    Pixels come back as uint8 (3, H, W) (``to_uint8_tensor``): the float conversion happens on the device
+    (``library.data.pixels.normalize_pixels``). A large JPEG is decoded reduced (``load_image``'s
+    ``cover_bucket``), except for face crops, whose plan may keep more pixels than the bucket needs.
+    """
     if record.bucket is None:
         raise ValueError(f"{record.image_path}: no bucket assigned")
     subset = record.subset
-    loaded = load_image(record.image_path, keep_alpha=subset.alpha_mask)
+    bucket = record.bucket.bucket
     face = face_in_file_name(record.image_path) if subset.face_crop_aug_range else None
+    loaded = load_image(record.image_path, keep_alpha=subset.alpha_mask, cover_bucket=None if face else bucket)
     if face is not None and subset.face_crop_aug_range is not None:
-        plan = plan_face_crop(loaded.rgb.size, record.bucket.bucket, face=face, aug_range=subset.face_crop_aug_range,
+        plan = plan_face_crop(loaded.original_size, bucket, face=face, aug_range=subset.face_crop_aug_range,
                               random_crop=subset.random_crop, flip_aug=subset.flip_aug, rng=rng,
                               interpolation=subset.resize_interpolation)
     else:
-        plan = plan_crop(loaded.rgb.size, record.bucket.bucket, random_crop=subset.random_crop,
+        plan = plan_crop(loaded.original_size, bucket, random_crop=subset.random_crop,
                          flip_aug=subset.flip_aug, rng=rng, interpolation=subset.resize_interpolation)
-    image = apply_crop_plan(loaded.rgb, plan)
-    cond = conditioning_image(record, plan, conditioning_filter, cropped_target=image)
+    pixels = crop_plan_array(loaded.rgb, plan)
+    cond = None
+    if conditioning_filter is not None or record.conditioning_path is not None:
+        cond = conditioning_image(record, plan, conditioning_filter, cropped_target=Image.fromarray(pixels))
     if subset.color_aug:
-        image = color_jitter(image, rng)
+        pixels = color_jitter(Image.fromarray(pixels), rng)
     mask = mask_to_tensor(apply_crop_plan(loaded.alpha, plan)) if loaded.alpha is not None else None
-    return to_tensor(image), plan, mask, cond
+    return to_uint8_tensor(pixels), plan, mask, cond
 
 
 def load_sample_latents(record: ImageRecord, cache: LatentCache, rng: random.Random,
@@ -347,6 +361,18 @@ def _long(rows: list[tuple[int, int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), 2)
 
 
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, written straight into shared memory inside a DataLoader worker (as torch's default
+    collate does): the batch is not copied again to cross to the main process, and no batch-sized buffer goes
+    through the worker's malloc heap, where freed 10-30 MB blocks would stay resident."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(list(tensors))
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+    out = first.new(storage).view(len(tensors), *first.shape)
+    return torch.stack(list(tensors), out=out)
+
+
 def _all_or_none(values: Sequence[torch.Tensor | None], what: str) -> torch.Tensor | None:
     """Stack when every sample has the tensor, None when none has; a mix is a bug upstream."""
     present = [v for v in values if v is not None]
@@ -354,15 +380,16 @@ def _all_or_none(values: Sequence[torch.Tensor | None], what: str) -> torch.Tens
         return None
     if len(present) != len(values):
         raise ValueError(f"some samples of the batch have {what} and some do not")
-    return torch.stack(present)
+    return _stack(present)
 
 
 @dataclass(frozen=True)
 class Batch:
     """One bucket's samples stacked: what the training step reads.
 
-    Exactly one of ``pixel_values`` (B,3,H,W) in [-1, 1] and ``latents`` (B,C,H/8,W/8) float32, unscaled
-    (multiply by the VAE scaling factor) is set. The SDXL size conditioning is (B,2) long in (h, w) /
+    Exactly one of ``pixel_values`` (B,3,H,W) uint8 (``library.data.pixels.normalize_pixels`` gives the VAE's
+    [-1, 1] on the device; float pixels already in [-1, 1] are accepted too) and ``latents`` (B,C,H/8,W/8)
+    float32, unscaled (multiply by the VAE scaling factor) is set. The SDXL size conditioning is (B,2) long in (h, w) /
     (top, left) order (from the cache file with cached latents). ``alpha_masks`` (B,H,W) holds ones for
     samples without a mask when others have one. ``text_hidden_states`` (B,L,D) and ``text_pooled`` (B,P)
     (SDXL) come from the text-encoder cache. ``network_multipliers`` (B,) float32 holds each sample's dataset
@@ -380,7 +407,7 @@ class Batch:
     pixel_values: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     alpha_masks: torch.Tensor | None = None
-    conditioning_pixel_values: torch.Tensor | None = None  # (B,3,H,W) in [-1, 1]
+    conditioning_pixel_values: torch.Tensor | None = None  # (B,3,H,W) uint8, like pixel_values
     text_hidden_states: torch.Tensor | None = None
     text_pooled: torch.Tensor | None = None
     network_multipliers: torch.Tensor | None = None
@@ -418,7 +445,7 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
         masks = torch.stack([s.alpha_mask if s.alpha_mask is not None else torch.ones(height, width)
                              for s in samples])
     return Batch(
-        pixel_values=None if cached else torch.stack(pixels),
+        pixel_values=None if cached else _stack(pixels),
         latents=torch.stack([c.latents for c in cached]) if cached else None,
         captions=[sample.caption for sample in samples],
         original_sizes_hw=_long([g.original_size_hw for g in geometry]),

@@ -471,4 +471,5 @@ def _finetuning_record(key: str, entry: Mapping[str, Any], meta: Path, base_dir:
         image_path=path, caption=caption, tags=tags, image_size=size, num_repeats=subset.num_repeats,
         is_reg=subset.is_reg, subset=subset, dataset_index=dataset_index, caption_source=source,
         conditioning_path=conditioning, train_resolution=train_resolution, size_from_metadata=from_metadata,
+        metadata_key=key,
     )

@@ -36,6 +36,7 @@ class ImageRecord:
     train_resolution: Size | None = None  # kept from metadata; not used for bucketing
     size_from_metadata: bool = False
     bucket: BucketAssignment | None = None  # set by assign_buckets
+    metadata_key: str | None = None  # fine-tuning: the entry's key in the metadata file (kohya's image key)
 
 
 @dataclass(frozen=True)

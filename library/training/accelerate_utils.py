@@ -23,6 +23,8 @@ Launching (CPU, measured):
                DeepSpeed flags). One process: accelerate launch --use_deepspeed --zero_stage 2 --num_processes 1
                script.py --deepspeed --zero_stage 2 (`--multi_gpu` refuses one process, and a plain
                `python script.py --deepspeed` has no process group).
+    FSDP2:     the same launch with `--fsdp` given to the script, or a launcher config with distributed_type: FSDP
+               (library.training.fsdp_setup; complete weights at saves: library.training.sharded_state).
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ from accelerate.utils import (
     broadcast_object_list,
 )
 from torch import nn
+
+from library.training.fsdp_setup import (
+    build_fsdp_plugin,
+    enable_fsdp_without_cuda,
+    fit_wrap_classes,
+    keep_text_encoder_roots_gathered,
+    keep_transformers_output_capture,
+    resolve_fsdp_options,
+)
 
 DEEPSPEED_INSTALL = "DS_BUILD_OPS=0 pip install deepspeed"
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
@@ -92,6 +103,10 @@ class AcceleratorOptions:
     ddp_timeout: int | None = None
     ddp_gradient_as_bucket_view: bool = False
     ddp_static_graph: bool = False
+    fsdp: bool = False  # --fsdp, or the launcher enabled FSDP (accelerate_args resolves both)
+    fsdp_sharding_strategy: str | None = None  # None: the launcher's, else FULL_SHARD
+    fsdp_offload_params: bool | None = None
+    fsdp_transformer_layer_cls_to_wrap: str | None = None
 
 
 def deepspeed_flag_error(options: AcceleratorOptions) -> str | None:
@@ -118,12 +133,33 @@ def deepspeed_flag_error(options: AcceleratorOptions) -> str | None:
     if (options.zero3_init_flag or options.zero3_save_16bit_model) and stage != 3:
         flag = "--zero3_init_flag" if options.zero3_init_flag else "--zero3_save_16bit_model"
         return f"{flag} needs --zero_stage 3 (got {stage})"
+    if options.zero3_init_flag:
+        return ("--zero3_init_flag is not supported: transformers would then build the frozen text encoders "
+                "partitioned and their forward fails; leave it out (the DeepSpeed engine partitions what trains, and "
+                "every save gathers the complete weights)")
     if options.fp16_master_weights_and_gradients:
         if options.mixed_precision != "fp16":
             return "--fp16_master_weights_and_gradients needs --mixed_precision fp16"
         if options.offload_optimizer_device != "cpu" or stage == 0:
             return ("--fp16_master_weights_and_gradients needs --offload_optimizer_device cpu and --zero_stage 1-3 "
                     "(DeepSpeed supports it only with its CPU Adam)")
+    return None
+
+
+FSDP_ONLY_FLAGS = ("fsdp_sharding_strategy", "fsdp_offload_params", "fsdp_transformer_layer_cls_to_wrap")
+
+
+def fsdp_flag_error(options: AcceleratorOptions) -> str | None:
+    """The first FSDP flag that contradicts another, or None."""
+    if not options.fsdp:
+        given = [name for name in FSDP_ONLY_FLAGS if getattr(options, name) not in (None, False)]
+        return f"--{given[0]} only applies with --fsdp" if given else None
+    if options.deepspeed:
+        return ("--fsdp and --deepspeed both shard the model: choose one (--deepspeed --zero_stage 3 or --fsdp; "
+                "a launcher config with distributed_type: FSDP counts as --fsdp)")
+    ddp_only = [name for name in ("ddp_gradient_as_bucket_view", "ddp_static_graph") if getattr(options, name)]
+    if ddp_only:
+        return f"--{ddp_only[0]} configures DDP, which --fsdp replaces: remove it"
     return None
 
 
@@ -146,7 +182,16 @@ def build_accelerator(options: AcceleratorOptions) -> Accelerator:
     """
     check_xformers(options)
     cuda = torch.cuda.is_available()
+    problem = fsdp_flag_error(options)
+    if problem is not None:
+        raise ValueError(problem)
     deepspeed_plugin = build_deepspeed_plugin(options) if options.deepspeed else None
+    fsdp_plugin = build_fsdp_plugin(resolve_fsdp_options(
+        sharding_strategy=options.fsdp_sharding_strategy, offload_params=options.fsdp_offload_params,
+        extra_wrap_classes=options.fsdp_transformer_layer_cls_to_wrap)) if options.fsdp else None
+    if fsdp_plugin is not None and "LOCAL_RANK" not in os.environ:
+        raise ValueError("--fsdp needs a distributed launcher: accelerate launch --multi_gpu --num_processes N "
+                         "(or accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml)")
     if deepspeed_plugin is not None and "LOCAL_RANK" not in os.environ:
         # Without a launcher DeepSpeed falls back to MPI discovery and dies on a missing mpi4py.
         raise ValueError(f"--deepspeed needs a distributed launcher: accelerate launch --multi_gpu --num_processes N "
@@ -159,7 +204,7 @@ def build_accelerator(options: AcceleratorOptions) -> Accelerator:
     project_dir = None
     if options.logging_dir is not None:
         project_dir = str(log_run_dir(options.logging_dir, options.log_prefix, time.localtime()))
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=options.mixed_precision,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         cpu=not cuda and deepspeed_plugin is None,
@@ -168,7 +213,11 @@ def build_accelerator(options: AcceleratorOptions) -> Accelerator:
         kwargs_handlers=build_kwargs_handlers(options, cuda=cuda),
         dynamo_plugin=build_dynamo_plugin(options),
         deepspeed_plugin=deepspeed_plugin,
+        fsdp_plugin=fsdp_plugin if cuda else None,
     )
+    if fsdp_plugin is not None and not cuda:
+        enable_fsdp_without_cuda(accelerator, fsdp_plugin)
+    return accelerator
 
 
 def check_xformers(options: AcceleratorOptions) -> None:
@@ -335,6 +384,7 @@ class PreparedTraining:
     optimizer:    the prepared optimizer. Under DeepSpeed its step()/zero_grad() are no-ops: backward() steps.
     lr_scheduler: the prepared scheduler, or None.
     engine:       the DeepSpeed engine around all models, or None without DeepSpeed.
+    fsdp_root:    under FSDP, the container the trained modules were sharded in (each an FSDP unit), else None.
     """
 
     accelerator: Accelerator
@@ -342,6 +392,7 @@ class PreparedTraining:
     optimizer: Any
     lr_scheduler: Any
     engine: nn.Module | None
+    fsdp_root: nn.Module | None = None
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -366,7 +417,7 @@ class PreparedTraining:
         weights to fp16/bf16, so the forward needs an explicit autocast.
         """
         precision = self.accelerator.mixed_precision
-        if not self.uses_deepspeed or precision not in ("fp16", "bf16"):
+        if (not self.uses_deepspeed and self.fsdp_root is None) or precision not in ("fp16", "bf16"):
             return contextlib.nullcontext()
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
@@ -386,14 +437,25 @@ def prepare_for_deepspeed(accelerator: Accelerator, trainable: dict[str, nn.Modu
         raise ValueError("prepare_for_deepspeed needs at least one trainable module")
     names = list(trainable)
     extras = [optimizer] + ([lr_scheduler] if lr_scheduler is not None else [])
+    fsdp_root = None
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         engine, *prepared = accelerator.prepare(TrainableModules(dict(trainable)), *extras)
         models = dict(trainable)
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        # accelerate's FSDP2 shards ONE model: the container, with each trained module an FSDP unit of its own
+        # (fully_shard works in place, so the loop keeps calling the original modules).
+        container = TrainableModules(dict(trainable))
+        fit_wrap_classes(accelerator.state.fsdp_plugin, container)
+        fsdp_root, *prepared = accelerator.prepare(container, *extras)
+        keep_transformers_output_capture(fsdp_root)
+        keep_text_encoder_roots_gathered(fsdp_root)
+        engine, models = None, dict(trainable)
     else:
         results = accelerator.prepare(*trainable.values(), *extras)
         engine, models, prepared = None, dict(zip(names, results[:len(names)])), list(results[len(names):])
     return PreparedTraining(accelerator=accelerator, models=models, optimizer=prepared[0],
-                            lr_scheduler=prepared[1] if lr_scheduler is not None else None, engine=engine)
+                            lr_scheduler=prepared[1] if lr_scheduler is not None else None, engine=engine,
+                            fsdp_root=fsdp_root)
 
 
 # --------------------------------------------------------------------------------------------------------

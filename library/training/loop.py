@@ -8,9 +8,10 @@ schedule, options, callbacks), then calls `train`. One optimizer step, top to bo
           -> loss (weighted, masked)                 -> backward, clip, optimizer + scheduler step
           -> callbacks: EMA, log, validate, sample   -> save                             (training.callbacks)
 
-Every random draw of a step comes from generators seeded with (seed, step, rank, micro-step), and the data
-order from (seed, epoch); so a run interrupted with --save_state and continued with --resume ends with the
-same weights as one that was never interrupted.
+Every random draw of a step comes from generators seeded with (seed, the batch's index in the global batch
+order), and the data order from (seed, epoch); so a run interrupted with --save_state and continued with
+--resume ends with the same weights as one that was never interrupted, on the same or another process count
+(library.training.process_count).
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from tqdm.auto import tqdm
 
 from library.training import noise as noise_lib
 from library.training.optim import is_schedule_free
+from library.training.process_count import SAVED_PROCESSES
 from library.training.checkpoints import SaveSettings, TrainState, outdated_epoch_names, outdated_step_names, remove_paths
 from library.training.output_checks import raise_save_failure, save_failure, save_failures
+from library.training.sharded_state import complete_weights
 from library.data.datasets import Batch
+from library.data.pixels import normalize_pixels
 from library.models.families import ModelFamily
 from library.models.text_encoding import EncodedPrompts, PromptEncoder
 
@@ -111,6 +115,7 @@ class TrainingPlan:
     num_epochs: int
     short_batches: int = 0
     repeated_batches: int = 0
+    num_nodes: int = 1  # machines the processes run on (multi-node launches)
 
     @property
     def global_batch(self) -> int:
@@ -121,6 +126,8 @@ class TrainingPlan:
             f"images: {self.num_images} train + {self.num_reg_images} regularisation -> {self.samples_per_epoch} samples per epoch (with repeats)",
             f"batches per epoch per process: {self.batches_per_epoch_per_process} "
             f"({self.short_batches} short last-of-bucket batches kept, {self.repeated_batches} repeated to even out ranks)",
+            f"processes: {self.num_nodes} node(s) x {self.num_processes // self.num_nodes} per node = "
+            f"{self.num_processes}",
             f"global batch: {self.batch_size} per device x {self.gradient_accumulation_steps} accumulation x "
             f"{self.num_processes} process(es) = {self.global_batch}",
             f"optimizer steps: {self.steps_per_epoch} per epoch, {self.max_train_steps} in total over {self.num_epochs} epoch(s)",
@@ -131,7 +138,7 @@ class TrainingPlan:
 def make_plan(*, num_images: int, num_reg_images: int, samples_per_epoch: int, batch_size: int,
               batches_per_epoch_per_process: int, gradient_accumulation_steps: int, num_processes: int,
               max_train_steps: int | None, max_train_epochs: int | None, short_batches: int = 0,
-              repeated_batches: int = 0) -> TrainingPlan:
+              repeated_batches: int = 0, num_nodes: int = 1) -> TrainingPlan:
     """Optimizer steps per epoch and in total; --max_train_epochs wins over --max_train_steps, as in kohya."""
     steps_per_epoch = max(1, math.ceil(batches_per_epoch_per_process / gradient_accumulation_steps))
     if max_train_epochs:
@@ -145,7 +152,7 @@ def make_plan(*, num_images: int, num_reg_images: int, samples_per_epoch: int, b
                         batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
                         num_processes=num_processes, batches_per_epoch_per_process=batches_per_epoch_per_process,
                         steps_per_epoch=steps_per_epoch, max_train_steps=total, num_epochs=epochs,
-                        short_batches=short_batches, repeated_batches=repeated_batches)
+                        short_batches=short_batches, repeated_batches=repeated_batches, num_nodes=num_nodes)
 
 
 @dataclass(frozen=True)
@@ -182,7 +189,8 @@ def _latents(run: TrainingRun, batch: Batch, device: torch.device, generator: to
         return batch.latents.to(device, dtype=torch.float32) * run.latent_scaling_factor
     if batch.pixel_values is None:
         raise ValueError("a batch needs pixel_values or latents")
-    pixels = batch.pixel_values.to(device, dtype=run.vae_dtype)
+    # uint8 crosses to the device (a quarter of float32's bytes) and becomes [-1, 1] there
+    pixels = normalize_pixels(batch.pixel_values.to(device), run.vae_dtype)
     with torch.no_grad():
         latents = run.vae.encode(pixels).latent_dist.sample(generator=generator)
     latents = latents.to(torch.float32) * run.latent_scaling_factor
@@ -210,12 +218,21 @@ def _autocast(run: TrainingRun) -> contextlib.AbstractContextManager:
     return run.prepared.autocast() if run.prepared.uses_deepspeed else run.accelerator.autocast()
 
 
+def global_micro_index(*, step: int, micro_step: int, accumulation: int, num_processes: int, rank: int) -> int:
+    """The batch's index in the run's global batch order: rank r takes batches r, r + N, ... of it, so micro-step
+    j of step s on rank r is ``(s * accumulation + j) * N + r``. N processes with accumulation A and one process
+    with N x A reach each index with the same batch (and one process keeps the index it always had)."""
+    return (step * accumulation + micro_step) * num_processes + rank
+
+
 def _loss_for_batch(run: TrainingRun, batch: Batch, step: int, micro_step: int) -> torch.Tensor:
-    # Seeded by position (the micro-batch index of the whole run): a resumed run draws the same noise, and
-    # the global RNG that dropout layers use is reseeded too, so nothing depends on what ran before.
-    micro_index = step * run.plan.gradient_accumulation_steps + micro_step
-    generator = noise_lib.step_generator(run.seed, micro_index, run.accelerator.process_index,
-                                         device=run.accelerator.device)
+    # Seeded by position (the global micro-batch index of the whole run): a resumed run draws the same noise,
+    # on any process count, and the global RNG that dropout layers use is reseeded too, so nothing depends on
+    # what ran before.
+    micro_index = global_micro_index(step=step, micro_step=micro_step,
+                                     accumulation=run.plan.gradient_accumulation_steps,
+                                     num_processes=run.accelerator.num_processes, rank=run.accelerator.process_index)
+    generator = noise_lib.step_generator(run.seed, micro_index, 0, device=run.accelerator.device)
     return batch_loss(run, batch, generator)
 
 
@@ -296,7 +313,10 @@ def evaluation(run: TrainingRun, trainee_weights: bool = True) -> Iterator[None]
 def save_model(run: TrainingRun, name: str, step: int, epoch: int) -> Path:
     """The trainee's weights as ``name`` in --output_dir (main process); a failed save stops every rank."""
     path = run.save.model_path(name)
-    with evaluation(run, trainee_weights=False):
+    # ZeRO-3 / FSDP: every rank helps gather the complete weights the main process writes
+    saved = getattr(run.trainee, "saved_modules", None) or run.trainee.trainable_modules
+    saved = saved()
+    with evaluation(run, trainee_weights=False), complete_weights(run.accelerator, saved.values()):
         failure = None
         if run.accelerator.is_main_process:
             try:
@@ -318,7 +338,10 @@ def save_state(run: TrainingRun, name: str, state: TrainState) -> Path:
 
 
 def _where(run: TrainingRun, global_step: int, epoch: int, batches_done: int) -> TrainState:
-    return TrainState(global_step, epoch, batches_done, run.seed, run.accelerator.num_processes)
+    # a sampler whose order depends on more than (seed, epoch, processes) records it (a shard stream: its workers)
+    requirements = getattr(run.batch_sampler, "resume_requirements", None)
+    return TrainState(global_step, epoch, batches_done, run.seed, run.accelerator.num_processes,
+                      extra=requirements() if requirements is not None else None)
 
 
 def train(run: TrainingRun) -> TrainState:
@@ -338,7 +361,12 @@ def train(run: TrainingRun) -> TrainState:
             break
         run.batch_sampler.set_epoch(epoch, first_step=global_step)
         if skip:
-            run.batch_sampler.load_state_dict({"epoch": epoch, "batches_done": skip, "seed": run.seed})
+            # this rank's position, the same in the epoch's global batch order, and the process count that saved
+            # it (a state of another count: library.training.process_count); a sampler that cannot follow refuses
+            saved_by = (run.start.extra or {}).get(SAVED_PROCESSES, accelerator.num_processes)
+            run.batch_sampler.load_state_dict({"epoch": epoch, "batches_done": skip, "seed": run.seed,
+                                               "global_batches_done": skip * accelerator.num_processes,
+                                               SAVED_PROCESSES: saved_by})
             run.batch_sampler.set_epoch(epoch, first_step=global_step)
         batches_done = skip
         micro_step = 0

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from library.training.checkpoints import TrainState, latest_state_folder
+from library.training.checkpoints import StateError, TrainState, latest_state_folder
+from library.training.process_count import accumulation_for_processes, describe_adjustment
 from library.training.run_settings import compare_settings
-from library.training.train_state_io import check_folder, read_record, recover_output_dir
+from library.training.train_state_io import FORMAT, check_folder, read_record, recover_output_dir
 
 
 def is_main_rank() -> bool:
@@ -32,16 +33,18 @@ class ResumeDecision:
 
     folder: str | None
     state: TrainState | None
+    gradient_accumulation_steps: int | None = None  # set when another process count changes it (see process_count)
 
 
 def prepare_resume(*, output_dir: str | None, output_name: str | None, resume: str | None,
                    settings: Mapping[str, Any], ignore_changes: bool = False,
-                   printer: Any = print) -> ResumeDecision:
+                   printer: Any = print, num_processes: int = 1) -> ResumeDecision:
     """Everything about the state that can be checked before the model loads.
 
     Recovers interrupted saves in --output_dir, resolves ``--resume auto``, checks the folder (pickles, sizes,
     headers, JSON) and compares the run's ``settings`` (`run_settings`) with the state's (refusing what cannot
-    change).
+    change). A state saved by another number of processes than ``num_processes`` gets the gradient accumulation
+    that keeps its global batch (``library.training.process_count``).
     """
     say = printer if is_main_rank() else (lambda *_: None)
     output_path = Path(output_dir) if output_dir else None
@@ -61,6 +64,20 @@ def prepare_resume(*, output_dir: str | None, output_name: str | None, resume: s
     folder = Path(resume)
     record = read_record(folder)
     check_folder(folder, record)
+    accumulation = None
+    saved_processes = record.state.num_processes
+    if saved_processes != num_processes:
+        if record.format != FORMAT:
+            raise StateError(f"--resume {folder} was saved by {saved_processes} process(es) with DeepSpeed/FSDP, whose "
+                             f"state is split per process; this run has {num_processes}: resume it on "
+                             f"{saved_processes} process(es)")
+        accumulation = accumulation_for_processes(folder, saved_settings=record.settings, current_settings=settings,
+                                                  saved_processes=saved_processes, num_processes=num_processes)
+        say(describe_adjustment(saved_processes=saved_processes, num_processes=num_processes,
+                                accumulation=accumulation, batch_size=int(settings.get("train_batch_size") or 1)))
+        # the accumulation was checked against the global batch: it does not count as a changed setting
+        settings = {**settings, "gradient_accumulation_steps": record.settings.get("gradient_accumulation_steps",
+                                                                                   accumulation)}
     if record.settings:
         compare_settings(folder, record.settings, settings, ignore_changes, say)
-    return ResumeDecision(resume, record.state)
+    return ResumeDecision(resume, record.state, accumulation)

@@ -20,6 +20,9 @@ from library.data.datasets import KeyedBatchSampler, TrainingDataset, make_batch
 from library.models.families import ModelFamily
 from library.models.loading import StableDiffusionModel
 from library.data.records import DatasetIndex
+from library.data.shard_config import ShardRun
+from library.data.shard_stream import ShardBatchControl, ShardLoader
+from library.training.shard_setup import check_shard_tensors, shard_loader, shard_sampler
 
 
 @dataclass(frozen=True)
@@ -38,21 +41,30 @@ class TrainingData:
     family: ModelFamily | None  # as peeked before loading (None: not known yet)
     sampler_inputs: Any = None
     validation_index: DatasetIndex | None = None  # held-out images (validation_split), None without a split
+    shards: ShardRun | None = None  # streamed shards (then ``index`` holds no records): planned from index.json
 
     @property
     def num_images(self) -> int:
+        if self.shards is not None:
+            return self.shards.samples - self.shards.reg_samples
         return sum(1 for r in self.index.records if not r.is_reg)
 
     @property
     def num_reg_images(self) -> int:
+        if self.shards is not None:
+            return self.shards.reg_samples
         return sum(1 for r in self.index.records if r.is_reg)
 
     @property
     def samples_per_epoch(self) -> int:
+        if self.shards is not None:
+            return self.shards.samples
         return sum(r.num_repeats for r in self.index.records)
 
     @property
     def batch_size(self) -> int:
+        if self.shards is not None:
+            return self.datasets[0].batch_size
         return self.sampler_inputs.batch_size
 
     @property
@@ -63,9 +75,16 @@ class TrainingData:
     def prior_loss_weight(self) -> float:
         return self.datasets[0].prior_loss_weight
 
-    def make_sampler(self, *, seed: int, rank: int, world_size: int,
-                     batches_per_step: int) -> tuple[KeyedBatchSampler, SamplerCounts]:
-        """This rank's batch sampler, and the counts the step plan prints."""
+    def make_sampler(self, *, seed: int, rank: int, world_size: int, batches_per_step: int,
+                     num_workers: int = 0) -> tuple[KeyedBatchSampler | ShardBatchControl, SamplerCounts]:
+        """This rank's batch sampler, and the counts the step plan prints. For shards: the stream's control,
+        planned for ``num_workers`` DataLoader workers (each reads its own shards)."""
+        if self.shards is not None:
+            control = shard_sampler(self.shards, batch_size=self.batch_size, seed=seed, rank=rank,
+                                    world_size=world_size, batches_per_step=batches_per_step, num_workers=num_workers)
+            layout = control.dataset.layout
+            return control, SamplerCounts(batches_per_epoch=layout.batches_per_rank,
+                                          short_batches=layout.short_batches, repeated_batches=layout.repeated_batches)
         sampler = make_batch_sampler(self.sampler_inputs, seed, rank=rank, world_size=world_size,
                                      batches_per_step=batches_per_step)
         summary = sampler.summary()
@@ -76,7 +95,10 @@ class TrainingData:
 
     def make_loader(self, sampler: KeyedBatchSampler, *, seed: int, max_train_steps: int, caches: "Caches",
                     conditioning_filter: Any = None, num_workers: int = 0,
-                    persistent_workers: bool = False) -> DataLoader:
+                    persistent_workers: bool = False) -> DataLoader | ShardLoader:
+        if isinstance(sampler, ShardBatchControl):
+            return shard_loader(sampler, max_train_steps=max_train_steps, num_workers=num_workers,
+                                persistent_workers=persistent_workers)
         dataset = TrainingDataset(self.index, seed, max_train_steps, latent_cache=caches.latents, text_cache=caches.text,
                                   conditioning_filter=conditioning_filter)
         return make_loader(dataset, sampler, num_workers=max(0, num_workers), persistent_workers=persistent_workers)
@@ -93,9 +115,12 @@ class TrainingData:
         return out
 
     def caption_sources(self) -> list[tuple[str, str | None, str | None]]:
+        """(folder, caption, tags) per image for the tag frequencies; empty for shards (not read at start-up)."""
         return [(str(r.image_path.parent.name), r.caption, r.tags) for r in self.index.records]
 
     def bucket_info(self) -> dict[str, Any]:
+        if self.shards is not None:
+            return {"buckets": dict(self.shards.bucket_counts)}
         counts: dict[str, int] = {}
         for record in self.index.records:
             bucket = record.bucket.bucket if record.bucket else None
@@ -118,6 +143,9 @@ def fill_caches(*, data: TrainingData, model: StableDiffusionModel, prompt_encod
 
     A mode is None (no cache), "run" (a temporary folder in ``output_dir``, gone after the run) or a kept cache.
     """
+    if data.shards is not None:  # the shards carry what they cache; nothing is encoded ahead
+        check_shard_tensors(data.shards, model=model, prompt_encoder=prompt_encoder, latent_mode=latent_mode)
+        return Caches()
     caches = Caches()
     if "run" in (latent_mode, text_mode):  # this run's temp caches live in --output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)

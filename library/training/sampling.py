@@ -369,11 +369,13 @@ def sample_file_name(output_name: str | None, step: int, epoch: int | None, inde
 def generate_samples(model: "StableDiffusionModel", prompt_encoder: "PromptEncoder", prompts: Sequence[SamplePrompt],
                      output_dir: str | os.PathLike, output_name: str | None, step: int, epoch: int | None,
                      default_sampler: str, device: torch.device | str, dtype: torch.dtype,
-                     controlnet: nn.Module | None = None, distributed_state: Any = None) -> list[SampleImage]:
+                     controlnet: nn.Module | None = None, distributed_state: Any = None,
+                     keep_images: bool = True) -> list[SampleImage]:
     """Draw every prompt (this rank's share of them) and save PNGs under ``output_dir/sample``.
 
     ``dtype`` is the compute dtype (fp16/bf16 run under autocast). ``distributed_state`` (an
     ``accelerate.PartialState``) splits the prompts across processes; each rank returns its own images.
+    ``keep_images=False``: draw (a sharded model needs every rank's forwards) but write and return nothing.
     """
     device = torch.device(device)
     default_sampler = _canonical_sampler(default_sampler)
@@ -383,7 +385,8 @@ def generate_samples(model: "StableDiffusionModel", prompt_encoder: "PromptEncod
     if not prompts:
         return []
     sample_dir = Path(output_dir) / "sample"
-    sample_dir.mkdir(parents=True, exist_ok=True)
+    if keep_images:
+        sample_dir.mkdir(parents=True, exist_ok=True)
     denoisers = [m for m in (model.unet, model.vae, controlnet) if m is not None]
     with _sampling_mode([*denoisers, *model.text_encoders]), _on_device(denoisers, device), \
             _global_rng_kept(device), torch.no_grad():
@@ -394,6 +397,8 @@ def generate_samples(model: "StableDiffusionModel", prompt_encoder: "PromptEncod
         for prompt in prompts:
             seed = prompt.seed if prompt.seed is not None else default_seed(step, prompt.index)
             image = _draw(model, pipeline, controlled, prompt_encoder, prompt, seed, default_sampler, device, dtype)
+            if not keep_images:
+                continue
             name = sample_file_name(output_name, step, epoch, prompt.index, prompt.seed)
             path = _save_png(image, sample_dir / name, _png_parameters(prompt, seed, default_sampler))
             results.append(SampleImage(path, image, prompt, seed))

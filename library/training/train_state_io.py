@@ -40,16 +40,20 @@ from library.io import (
     read_safetensors_header,
     replace_path,
 )
+from library.training.process_count import load_scheduler_state, position_for_processes
 from library.training.run_settings import MODEL_FAMILY, SCHEDULE_SETTINGS, changed_settings
+from library.training.state_pickles import (  # noqa: F401 - check_deepspeed_pickles is part of this API
+    check_deepspeed_pickles,
+    looks_pickled,
+    state_files as _state_files,
+)
 
 FORMAT = "safetensors-json-1"
 DEEPSPEED_FORMAT = "deepspeed-1"
 DEEPSPEED_FOLDER = "deepspeed"
 DEEPSPEED_TAG = "engine"
+FSDP_FORMAT = "fsdp-1"  # each rank's own shards: fsdp_model_rank<r>.safetensors, fsdp_optimizer_rank<r>.json/.safetensors
 ASIDE_SUFFIX = ".old"
-# Files that torch.load / pickle would read; refused in our folders, weights-only checked in DeepSpeed ones.
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz")
-_PICKLE_MAGICS = (b"\x80", b"PK\x03\x04")  # a raw pickle (protocol 2+) or torch's zip container
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -196,19 +200,6 @@ def check_safetensors_file(path: Path) -> None:
                          "another state folder")
 
 
-def looks_pickled(path: Path) -> bool:
-    """Whether torch.load / pickle would read this file (by name or by its first bytes)."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return True
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    return any(head.startswith(magic) for magic in _PICKLE_MAGICS)
-
-
-def _state_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
 def refuse_pickles(folder: Path) -> None:
     """Our state folders hold only JSON and safetensors: any pickle in one is refused, never loaded."""
     found = [p for p in _state_files(folder) if p.suffix not in (".json", ".safetensors") and looks_pickled(p)]
@@ -217,39 +208,6 @@ def refuse_pickles(folder: Path) -> None:
         raise StateError(f"--resume {folder}: {names} would be unpickled, and unpickling runs code; state folders of "
                          "this trainer hold only safetensors and JSON: resume from a state saved by this version "
                          "(or delete the file if you trust nothing else in the folder)")
-
-
-def check_deepspeed_pickles(folder: Path) -> None:
-    """Every pickle of a DeepSpeed state through torch's weights-only unpickler before DeepSpeed reads it."""
-    for path in _state_files(folder):
-        if path.suffix in (".json", ".safetensors") or not looks_pickled(path):
-            continue
-        try:
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any failure means we cannot vouch for the file
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            reason = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else
-                          type(error).__name__)
-            raise StateError(f"--resume {folder}: {path.relative_to(folder)} is a pickle that the weights-only "
-                             f"unpickler refuses ({reason[:200]}); it could run code: resume from a state you "
-                             "saved yourself") from None
-
-
-def _deepspeed_safe_globals() -> list[Any]:
-    """What DeepSpeed's checkpoints hold besides tensors and containers: numpy scalars/arrays and its enums."""
-    numpy_core = getattr(np, "_core", None) or np.core
-    allowed: list[Any] = [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("float32")),
-                          type(np.dtype("int64"))]
-    try:  # plain-data classes: the unpickler only sets their attributes, it calls no code of theirs
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        allowed += [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
-    except ImportError:
-        pass
-    return allowed
 
 
 @dataclass(frozen=True)
@@ -294,7 +252,7 @@ def check_folder(folder: Path, record: StateRecord) -> None:
         check_deepspeed_pickles(folder)
     else:
         refuse_pickles(folder)
-        if record.format != FORMAT:
+        if record.format not in (FORMAT, FSDP_FORMAT):
             raise StateError(f"--resume {folder}: {TRAIN_STATE_FILE} does not say how the state was written (an older "
                              "version of this trainer?); start a new run, or resume from a state saved by this version")
     for name, size in record.files.items():
@@ -388,6 +346,11 @@ def _unwrap(accelerator: Any, module: nn.Module) -> nn.Module:
     return unwrap(accelerator, module)
 
 
+def _zero_stage(accelerator: Any) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None else None
+
+
 def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
@@ -434,6 +397,10 @@ class TrainingStateIO:
     custom: tuple[Any, ...] = ()
     settings: dict[str, Any] | None = None
     engine: Any = None  # the DeepSpeed engine, or None
+    fsdp_root: Any = None  # under FSDP, the container of the sharded trained modules (library.training.sharded_state)
+
+    def _format(self) -> str:
+        return DEEPSPEED_FORMAT if self.engine is not None else FSDP_FORMAT if self.fsdp_root is not None else FORMAT
 
     # ---- saving ----------------------------------------------------------------------------------
 
@@ -448,11 +415,17 @@ class TrainingStateIO:
         if self.engine is not None:
             self.engine.save_checkpoint(str(tmp / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
         write_tree(tmp, f"rng_{accelerator.process_index}", _rng_state())
+        if self.fsdp_root is not None:
+            from library.training.sharded_state import fsdp_local_state
+
+            tensors, optimizer_state = fsdp_local_state(self.fsdp_root, self.optimizer)
+            atomic_save_safetensors(tensors, tmp / f"fsdp_model_rank{accelerator.process_index}.safetensors")
+            write_tree(tmp, f"fsdp_optimizer_rank{accelerator.process_index}", optimizer_state)
         if accelerator.is_main_process:
             self._write_shared(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            record = {**json.loads(state.to_json()), "format": DEEPSPEED_FORMAT if self.engine is not None else FORMAT,
+            record = {**json.loads(state.to_json()), "format": self._format(),
                       "settings": self.settings or {}, "files": _saved_files(tmp)}
             _write_json(tmp / TRAIN_STATE_FILE, record, indent=1)  # last: its presence means the folder is complete
             replace_path(tmp, folder)
@@ -460,7 +433,7 @@ class TrainingStateIO:
         return folder
 
     def _write_shared(self, tmp: Path) -> None:
-        if self.engine is None:
+        if self.engine is None and self.fsdp_root is None:
             for name, module in self.models.items():
                 tensors = trainable_tensors(_unwrap(self.accelerator, module))
                 atomic_save_safetensors(tensors, tmp / f"model_{name}.safetensors")
@@ -480,10 +453,11 @@ class TrainingStateIO:
         folder = Path(folder)
         record = read_record(folder)
         check_folder(folder, record)
-        if record.state.num_processes != self.accelerator.num_processes:
-            raise StateError(f"--resume {folder} was saved with {record.state.num_processes} process(es) but this run "
-                             f"has {self.accelerator.num_processes}; the data order would differ, so exact resume is "
-                             "impossible: launch with the same number of processes")
+        saved_processes, processes = record.state.num_processes, self.accelerator.num_processes
+        if saved_processes != processes and (record.format != FORMAT or self._format() != FORMAT):
+            raise StateError(f"--resume {folder} was saved by {saved_processes} process(es) and this run has "
+                             f"{processes}; a DeepSpeed/FSDP state is split per process: resume on {saved_processes}")
+        state = position_for_processes(folder, record.state, processes, record.settings, self.settings or {})
         saved_family = record.settings.get(MODEL_FAMILY)
         if family is not None and saved_family is not None and saved_family != family:
             raise StateError(f"--resume {folder} trained a {saved_family} model; --pretrained_model_name_or_path is "
@@ -491,8 +465,18 @@ class TrainingStateIO:
         if (record.format == DEEPSPEED_FORMAT) != (self.engine is not None):
             raise StateError(f"--resume {folder} was saved {'with' if self.engine is None else 'without'} --deepspeed; "
                              "resume it the same way")
+        if record.format != self._format() and FSDP_FORMAT in (record.format, self._format()):
+            raise StateError(f"--resume {folder} was saved {'with' if record.format == FSDP_FORMAT else 'without'} "
+                             "FSDP; resume it the same way")
+        sharded = self.fsdp_root is not None or (self.engine is not None and _zero_stage(self.accelerator) == 3)
+        if sharded and record.state.num_processes != self.accelerator.num_processes:
+            raise StateError(f"--resume {folder}: its weights are sharded over {record.state.num_processes} process(es) "
+                             f"(FSDP / ZeRO-3) and this run has {self.accelerator.num_processes}: launch with "
+                             f"{record.state.num_processes}")
         fresh_lrs = [{k: g[k] for k in ("lr", "initial_lr") if k in g} for g in self.optimizer.param_groups]
-        if self.engine is not None:
+        if self.fsdp_root is not None:
+            self._load_fsdp_shards(folder)
+        elif self.engine is not None:
             self.engine.load_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, load_module_strict=False,
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
@@ -500,7 +484,7 @@ class TrainingStateIO:
                 self._load_module(folder, name, _unwrap(self.accelerator, module))
             self._load_optimizer(folder)
         reschedule = bool(set(changed_settings(record.settings, self.settings or {})) & set(SCHEDULE_SETTINGS))
-        self._load_scheduler(folder, fresh_lrs, record.state.global_step, reschedule)
+        self._load_scheduler(folder, fresh_lrs, record.state.global_step, reschedule, saved_processes)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and (folder / "scaler.json").is_file():
             scaler.load_state_dict(read_tree(folder, "scaler"))
@@ -512,8 +496,23 @@ class TrainingStateIO:
                                  f"{error}") from None
         rng_stem = f"rng_{self.accelerator.process_index}"
         if (folder / f"{rng_stem}.json").is_file():
-            _set_rng_state(read_tree(folder, rng_stem))
-        return record.state
+            _set_rng_state(read_tree(folder, rng_stem))  # a rank the state had no file for keeps its seeded RNG
+        return state
+
+    def _load_fsdp_shards(self, folder: Path) -> None:
+        from library.training.sharded_state import load_fsdp_local_state
+
+        rank = self.accelerator.process_index
+        file = folder / f"fsdp_model_rank{rank}.safetensors"
+        if not file.is_file():
+            raise StateError(f"--resume {folder}: {file.name} is missing: the state was saved by fewer processes; "
+                             "resume an FSDP state with the same number of processes")
+        try:
+            load_fsdp_local_state(self.fsdp_root, self.optimizer, _load_safetensors(file),
+                                  read_tree(folder, f"fsdp_optimizer_rank{rank}"))
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise StateError(f"--resume {folder}: rank {rank}'s FSDP shards do not fit this run "
+                             f"({str(error).splitlines()[0]}): use the state's flags and process count") from None
 
     def _load_module(self, folder: Path, name: str, module: nn.Module) -> None:
         file = folder / f"model_{name}.safetensors"
@@ -543,11 +542,15 @@ class TrainingStateIO:
             raise StateError(f"--resume {folder}: optimizer.json does not fit this run's optimizer "
                              f"({str(error).splitlines()[0]}): use the state's --optimizer_type and flags") from None
 
-    def _load_scheduler(self, folder: Path, fresh_lrs: list[dict[str, float]], step: int, reschedule: bool) -> None:
-        """The saved schedule, or with changed learning rates / schedule flags the new one wound to ``step``."""
+    def _load_scheduler(self, folder: Path, fresh_lrs: list[dict[str, float]], step: int, reschedule: bool,
+                        saved_processes: int) -> None:
+        """The saved schedule (counts rescaled to this run's process count), or with changed learning rates /
+        schedule flags or a schedule that cannot be rescaled, the new one wound to ``step``."""
+        if not reschedule and self.lr_scheduler is not None and (folder / "scheduler.json").is_file():
+            reschedule = not load_scheduler_state(self.lr_scheduler, read_tree(folder, "scheduler"),
+                                                  saved_processes=saved_processes,
+                                                  num_processes=self.accelerator.num_processes)
         if not reschedule:
-            if self.lr_scheduler is not None and (folder / "scheduler.json").is_file():
-                self.lr_scheduler.load_state_dict(read_tree(folder, "scheduler"))
             return
         for group, fresh in zip(self.optimizer.param_groups, fresh_lrs):
             group.update(fresh)

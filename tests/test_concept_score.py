@@ -1,0 +1,73 @@
+"""The pieces of "see it learn" that need no pretrained weights: the shapes data, the concept score, the
+pretraining script's whole path at toy sizes, and loading what it exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from library.models.tiny_models import build_pretrained_tiny_model, text_encoder_hash
+from library.training.concept_score import NAMED_COLOURS, Concept, concept_parts, concept_score, parse_concept
+from tools import make_sample_dataset, pretrain_tiny
+
+
+def test_the_full_shapes_vocabulary_scores_high_against_its_own_captions(tmp_path: Path) -> None:
+    assert make_sample_dataset.main(["--output", str(tmp_path / "full"), "--count", "30", "--size", "64",
+                                     "--variety", "full"]) == 0
+    meta = json.loads((tmp_path / "full" / "meta.json").read_text())
+    scores, sizes = [], set()
+    for stem, entry in meta.items():
+        with Image.open(tmp_path / "full" / "images" / f"{stem}.png") as image:
+            sizes.add(image.size)
+            concept = parse_concept(entry["caption"])
+            scores.append(concept_score(image, concept))
+            if concept.shape == "circle":  # a circle is no square: fewer points, smaller fill
+                assert concept_score(image, Concept(concept.colour, "square", concept.background)) < scores[-1] - 0.1
+    assert sizes == {(64, 64), (96, 32), (32, 96)}
+    assert {parse_concept(e["caption"]).shape for e in meta.values()} == {"circle", "square", "triangle", "diamond", "hexagon"}
+    assert min(scores) > 0.6 and sum(scores) / len(scores) > 0.9, scores
+    assert not any("purple" in e["caption"] or "star" in e["caption"] for e in meta.values())  # kept for the demo
+
+
+def test_a_purple_star_is_told_from_other_colours_and_shapes(tmp_path: Path) -> None:
+    assert make_sample_dataset.main(["--output", str(tmp_path / "c"), "--count", "4", "--size", "64",
+                                     "--variety", "concept", "--concept_caption", "a sks star"]) == 0
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert {e["caption"] for e in meta.values()} == {"a sks star"}
+    star = Concept(NAMED_COLOURS["purple"], "star", NAMED_COLOURS["white"])
+    for stem in meta:
+        with Image.open(tmp_path / "c" / "images" / f"{stem}.png") as image:
+            parts = concept_parts(image, star)
+            assert parts["measure_peaks"] == 5 and 0.3 < parts["measure_fill"] < 0.5, parts
+            assert concept_score(image, star) > 0.9
+            assert concept_score(image, Concept(NAMED_COLOURS["purple"], "circle", NAMED_COLOURS["white"])) < 0.75
+            assert concept_score(image, "a red circle on a white background") < 0.4
+    blank = Image.new("RGB", (64, 64), NAMED_COLOURS["white"])
+    assert concept_score(blank, star) == pytest.approx(1 / 3)  # only the background is right
+    assert parse_concept("an orange hexagon on a light blue background, small, top left") == Concept(
+        NAMED_COLOURS["orange"], "hexagon", NAMED_COLOURS["light blue"], "top left")
+
+
+def test_pretraining_runs_end_to_end_and_its_export_loads(tmp_path: Path, capsys) -> None:
+    export = tmp_path / "export"
+    assert pretrain_tiny.main(["--work_dir", str(tmp_path / "work"), "--images", "24", "--vae_steps", "2",
+                               "--unet_steps", "2", "--batch", "4", "--export_to", str(export), "--eval_seeds", "1"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.rindex('{\n  "family"'):])
+    assert set(summary["concept_scores"]) == set(pretrain_tiny.EVAL_PROMPTS)
+    files = sorted(p.name for p in export.iterdir())
+    assert files == ["sdxl_unet.safetensors", "text_encoder_hashes.json", "vae.safetensors"]
+    assert sum(p.stat().st_size for p in export.iterdir()) < 10 * 2**20
+    unet = load_file(export / "sdxl_unet.safetensors")
+    assert {t.dtype for t in unet.values()} == {torch.float16}
+    model = build_pretrained_tiny_model("sdxl", export)
+    assert all(torch.equal(model.unet.state_dict()[k], v.float()) for k, v in unet.items())
+    assert text_encoder_hash(model) == json.loads((export / "text_encoder_hashes.json").read_text())["sdxl"]
+    (export / "text_encoder_hashes.json").write_text(json.dumps({"sdxl": "0" * 64}))
+    with pytest.raises(RuntimeError, match="seeded text encoders"):
+        build_pretrained_tiny_model("sdxl", export)
