@@ -56,11 +56,16 @@ def folder_images_per_second(folder: Path, workers: int, epochs: int, batch_size
                                verify_images=False)
     sampler = make_batch_sampler(build_bucket_sampler_inputs(index), seed=0)
     loader = make_loader(TrainingDataset(index, seed=0), sampler, num_workers=workers, persistent_workers=True)
+    return timed_epochs(sampler.set_epoch, loader, epochs)
+
+
+def timed_epochs(set_epoch, loader, epochs: int) -> float:
+    """Images per second over ``epochs`` epochs after one untimed warm-up epoch (workers started, files cached)."""
     images, start = 0, 0.0
     for epoch in range(1, epochs + 2):
         if epoch == 2:
             start = time.perf_counter()
-        sampler.set_epoch(epoch)
+        set_epoch(epoch)
         for batch in loader:
             images += len(batch) if epoch >= 2 else 0
     return images / (time.perf_counter() - start)
@@ -93,14 +98,7 @@ def stream_loader(pattern: str, *, workers: int, batch_size: int, resolution: in
 def stream_images_per_second(pattern: str, workers: int, epochs: int, batch_size: int) -> float:
     control, loader = stream_loader(pattern, workers=workers, batch_size=batch_size, resolution=1024, buckets=True,
                                     flip=True, random_crop=True)
-    images, start = 0, 0.0
-    for epoch in range(1, epochs + 2):
-        if epoch == 2:
-            start = time.perf_counter()
-        control.set_epoch(epoch)
-        for batch in loader:
-            images += len(batch) if epoch >= 2 else 0
-    return images / (time.perf_counter() - start)
+    return timed_epochs(control.set_epoch, loader, epochs)
 
 
 def rss_mb() -> float:

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from library.models.tiny_models import build_pretrained_tiny_model, text_encoder_hash
+from library.models.loading import load_model
+from library.models.tiny_models import PRETRAINED_NORM_GROUPS, build_pretrained_tiny_model, text_encoder_hash
 from library.training.concept_score import NAMED_COLOURS, Concept, concept_parts, concept_score, parse_concept
 from tools import make_sample_dataset, pretrain_tiny
 
@@ -66,6 +67,9 @@ def test_pretraining_runs_end_to_end_and_its_export_loads(tmp_path: Path, capsys
     unet = load_file(export / "sdxl_unet.safetensors")
     assert {t.dtype for t in unet.values()} == {torch.float16}
     model = build_pretrained_tiny_model("sdxl", export)
+    # trained and rebuilt with the pretrained layout: 8 GroupNorm groups, not the per-channel 32 of the tiny configs
+    assert model.unet.config.norm_num_groups == model.vae.config.norm_num_groups == PRETRAINED_NORM_GROUPS == 8
+    assert load_model(tmp_path / "work" / "out" / "sdxl_trained.safetensors").unet.config.norm_num_groups == 8
     assert all(torch.equal(model.unet.state_dict()[k], v.float()) for k, v in unet.items())
     assert text_encoder_hash(model) == json.loads((export / "text_encoder_hashes.json").read_text())["sdxl"]
     (export / "text_encoder_hashes.json").write_text(json.dumps({"sdxl": "0" * 64}))
