@@ -6,7 +6,8 @@ and ControlNet (``train_controlnet.py``) training.
                                [--controlnet_families sd15 sdxl] [--controlnet_resolution 64]
                                [--threads 1] [--warmup 2] [--steps 8] [--json OUT]
     python bench/train_step.py --full_size [--trainers lora finetune controlnet] [--rank 16] [--resolution 1024]
-                               [--finetune_setups adamw adamw8bit adafactor_fused adamw_ema] [--full_bf16]
+                               [--lora_setups sdpa fp8 xformers] [--finetune_setups adamw adamw8bit adafactor_fused adamw_ema]
+                               [--full_bf16]
                                [--json OUT]  # a GPU
 
 Tiny rows (default): for each family a tiny random diffusers folder (``library.models.tiny_models.make_tiny_model``)
@@ -75,6 +76,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -481,15 +483,30 @@ def timed_steps(step: Callable[[int], None], device: torch.device, warmup: int, 
     return times, memory
 
 
-def full_size_row(args: argparse.Namespace) -> Row:
+FULL_SIZE_LORA_SETUPS = {
+    "sdpa": "diffusers' default attention (PyTorch SDPA)",
+    "xformers": "xformers attention (train_network --xformers)",
+    "fp8": "frozen UNet weights stored in float8_e4m3fn, upcast per layer (train_network --fp8_base)",
+}
+
+
+def full_size_row(args: argparse.Namespace, setup: str = "sdpa") -> Row:
+    """One LoRA row; ``setup`` is a key of FULL_SIZE_LORA_SETUPS (what train_network's flag would change)."""
     from networks.lora import create_network
 
     device = full_size_device(args)
     dtype = torch.bfloat16
     unet = build_full_size_unet(device, dtype)
+    if setup == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
     network = create_network(1.0, args.rank, float(args.rank), None, [], unet)
     network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
     network.to(device).requires_grad_(True).train()
+    if setup == "fp8":  # after the LoRA wraps the layers, as train_network stores the base (kohya's order)
+        from library.models.fp8_weights import store_frozen_weights_in_fp8
+
+        store_frozen_weights_in_fp8(unet)
+        release_cached_memory()  # the bf16 copies are gone: let the window start at the float8 footprint
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers checkpoints only in train mode; the frozen UNet has no dropout
@@ -505,11 +522,13 @@ def full_size_row(args: argparse.Namespace) -> Row:
 
     times, memory = timed_steps(step, device, args.warmup, args.steps, "full-size LoRA")
     lora_params = sum(p.numel() for p in params)
+    precision = "fp8 weights + bf16 autocast" if setup == "fp8" else "bf16 weights + autocast"
     return Row("SDXL full-size (random init)", args.resolution, args.batch_size, bool(args.gradient_checkpointing),
-               device.type, "bf16 weights + autocast", statistics.median(times), min(times), max(times),
+               device.type, precision, statistics.median(times), min(times), max(times),
                len(times), memory["peak_mib"], memory["start_mib"], memory["kind"], times,
                f"model step only (UNet fwd+bwd+clip+AdamW), LoRA rank {args.rank} on UNet "
-               f"({lora_params / 1e6:.1f}M params); no data pipeline/VAE/text encoders")
+               f"({lora_params / 1e6:.1f}M params); no data pipeline/VAE/text encoders; {FULL_SIZE_LORA_SETUPS[setup]}",
+               setup=f"LoRA, {setup}")
 
 
 def full_size_finetune_row(args: argparse.Namespace, setup: FinetuneSetup) -> Row:
@@ -610,22 +629,54 @@ def full_size_controlnet_row(args: argparse.Namespace) -> Row:
                script="train_controlnet.py")
 
 
-def free_previous_row() -> None:
+def release_cached_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+def full_size_row_specs(args: argparse.Namespace) -> list[list[str]]:
+    """The requested full-size rows, each as the flags that select it alone."""
+    specs = [["--trainers", "lora", "--lora_setups", s] for s in args.lora_setups] if "lora" in args.trainers else []
+    if "finetune" in args.trainers:
+        specs += [["--trainers", "finetune", "--finetune_setups", n] for n in args.finetune_setups or FULL_SIZE_FINETUNE_DEFAULT]
+    return specs + ([["--trainers", "controlnet"]] if "controlnet" in args.trainers else [])
+
+
 def full_size_rows(args: argparse.Namespace) -> list[Row]:
-    """Each row builds its own UNet; everything of the previous row is freed first so peaks do not add up."""
-    rows = [full_size_row(args)] if "lora" in args.trainers else []
-    names = (args.finetune_setups or FULL_SIZE_FINETUNE_DEFAULT) if "finetune" in args.trainers else ()
-    for name in names:
-        free_previous_row()
-        rows.append(full_size_finetune_row(args, finetune_setup(name)))
-    if "controlnet" in args.trainers:
-        free_previous_row()
-        rows.append(full_size_controlnet_row(args))
+    """One row in this process; several rows each in a process of their own.
+
+    On an H200, rows run one after another in one process kept the previous row's weights and optimizer state
+    alive on the GPU (a fine-tune row started at 19,996 MiB instead of 5,002 MiB), although gc and
+    empty_cache ran between them and the same check on CPU showed nothing alive. A fresh process per row is the
+    only peak that can be trusted. With --json, the rows so far are written after each one, so a row that fails
+    or runs out of time on a lent GPU keeps the rows before it.
+    """
+    specs = full_size_row_specs(args)
+    if len(specs) == 1:
+        if "lora" in args.trainers:
+            return [full_size_row(args, args.lora_setups[0])]
+        if "finetune" in args.trainers:
+            return [full_size_finetune_row(args, finetune_setup((args.finetune_setups or FULL_SIZE_FINETUNE_DEFAULT)[0]))]
+        return [full_size_controlnet_row(args)]
+    common = ["--full_size", "--resolution", str(args.resolution), "--rank", str(args.rank), "--batch_size",
+              str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    common += [flag for flag, on in (("--full_bf16", args.full_bf16), ("--allow_cpu", args.allow_cpu),
+                                     ("--gradient_checkpointing", args.gradient_checkpointing)) if on]
+    common += (["--device", args.device] if args.device else []) + (["--threads", str(args.threads)] if args.threads else [])
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as work:
+        for index, spec in enumerate(specs):
+            out = Path(work) / f"row{index}.json"
+            code = subprocess.call([sys.executable, "-m", "bench.train_step", *common, *spec, "--json", str(out)],
+                                   cwd=Path(__file__).resolve().parent.parent)
+            if code != 0 or not out.exists():
+                print(f"# row {' '.join(spec)} failed (exit {code}); the other rows go on", file=sys.stderr)
+                continue
+            rows += [Row(**r) for r in json.loads(out.read_text())["rows"]]
+            if args.json:
+                Path(args.json).write_text(json.dumps({"environment": environment(), "partial": True,
+                                                       "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     return rows
 
 
@@ -702,6 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="--full_size device (default: cuda if available)")
     parser.add_argument("--resolution", type=int, default=1024, help="--full_size: square px")
     parser.add_argument("--rank", type=int, default=16, help="--full_size: LoRA rank (alpha = rank)")
+    parser.add_argument("--lora_setups", nargs="+", choices=list(FULL_SIZE_LORA_SETUPS), default=["sdpa"],
+                        help="--full_size LoRA rows: " + "; ".join(f"{k}: {v}" for k, v in FULL_SIZE_LORA_SETUPS.items()))
     parser.add_argument("--full_bf16", action="store_true",
                         help="--full_size ControlNet row: bf16 ControlNet weights (train_controlnet --full_bf16); "
                              "default fp32 weights under bf16 autocast (--mixed_precision bf16)")

@@ -330,3 +330,36 @@ def test_deepspeed_zero2_two_cpu_processes(tmp_path):
     assert [r["distributed_type"] for r in ranks] == ["DistributedType.DEEPSPEED"] * 2
     assert [(r["deepspeed"], r["zero_stage"]) for r in ranks] == [(True, 2), (True, 2)]
     assert_gradients_were_averaged(ranks)
+
+
+def _fake_xformers(monkeypatch, attention) -> None:
+    """An importable `xformers` whose ops.memory_efficient_attention is ``attention``."""
+    import types
+
+    package, ops = types.ModuleType("xformers"), types.ModuleType("xformers.ops")
+    package.__version__, ops.memory_efficient_attention, package.ops = "0.0.35", attention, ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+
+
+def test_an_xformers_built_for_another_torch_is_refused_at_start_up(monkeypatch):
+    """Seen on an H200: xformers 0.0.35 (built for torch 2.10) imports under torch 2.11, then every attention call
+    raises. The probe's one tiny call turns that into one line naming the version and the fix."""
+    from library.training import accelerate_utils
+    from library.training.xformers_probe import xformers_unusable_reason
+
+    def broken(q, k, v):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n"
+                                  "     query : shape=(1, 8, 1, 64) (torch.float16)")
+
+    _fake_xformers(monkeypatch, broken)
+    reason = xformers_unusable_reason("cpu")
+    assert reason == (f"cannot work here: the installed xformers 0.0.35 cannot run attention with torch {torch.__version__} (No operator "
+                      "found for `memory_efficient_attention_forward` with inputs:): install the xformers build made "
+                      "for this torch and CUDA, or use --sdpa")
+    _fake_xformers(monkeypatch, lambda q, k, v: q.clone())
+    assert xformers_unusable_reason("cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(accelerate_utils, "xformers_unusable_reason", lambda device: reason)
+    with pytest.raises(ValueError, match=r"^--xformers cannot work here: the installed xformers 0.0.35 cannot run attention"):
+        check_xformers(make_args("--xformers"))

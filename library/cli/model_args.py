@@ -75,7 +75,10 @@ def _check_diffusers_xformers(args: argparse.Namespace) -> str | None:
         return "--diffusers_xformers needs a CUDA GPU (xformers has no CPU kernels): drop the flag"
     if importlib.util.find_spec("xformers") is None:
         return "--diffusers_xformers needs the xformers package: pip install xformers, or drop the flag"
-    return None
+    from library.training.xformers_probe import xformers_unusable_reason
+
+    reason = xformers_unusable_reason("cuda")
+    return None if reason is None else f"--diffusers_xformers {reason.replace('use --sdpa', 'drop the flag')}"
 
 
 def apply_diffusers_xformers(args: argparse.Namespace, model: Any, attention: str) -> str:

@@ -53,6 +53,7 @@ from accelerate.utils import (
 )
 from torch import nn
 
+from library.training.xformers_probe import xformers_unusable_reason
 from library.training.fsdp_setup import (
     build_fsdp_plugin,
     enable_fsdp_without_cuda,
@@ -221,16 +222,15 @@ def build_accelerator(options: AcceleratorOptions) -> Accelerator:
 
 
 def check_xformers(options: AcceleratorOptions) -> None:
-    """Fail at start-up when --xformers cannot work: it has CUDA kernels only, and it is an optional package."""
+    """Fail at start-up when --xformers cannot work: it has CUDA kernels only, it is an optional package, and a
+    wheel built for another torch imports but cannot run (`xformers_unusable_reason`)."""
     if not options.xformers:
         return
     if not torch.cuda.is_available():
         raise ValueError("--xformers needs a CUDA GPU (xformers has no CPU kernels): use --sdpa instead")
-    try:
-        import xformers  # noqa: F401
-    except ImportError as error:
-        raise ImportError("--xformers needs the xformers package: pip install xformers "
-                          "(built for your torch version), or use --sdpa") from error
+    reason = xformers_unusable_reason("cuda")
+    if reason is not None:
+        raise (ImportError if "pip install xformers" in reason else ValueError)(f"--xformers {reason}")
 
 
 def resolve_log_with(options: AcceleratorOptions) -> list[str] | None:
