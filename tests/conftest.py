@@ -85,7 +85,8 @@ def run_script() -> Callable[..., subprocess.CompletedProcess]:
 @pytest.fixture
 def run_in_process(monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.CompletedProcess]:
     """Like ``run_script``, but ``main(argv)`` runs in this process (tests/helpers/in_process.py): for the further
-    refusal cases of a path whose first case already ran as a real subprocess."""
+    refusal cases of a path whose first case already ran as a real subprocess, and for an earlier run that only
+    leaves behind the folder the test's real subprocess then starts from."""
 
     def run(script: str, args: list[str], expect_rc: int | None = 0,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -204,9 +204,9 @@ def test_resume_from_a_downloaded_hub_state(tiny_model_dirs, shapes_data, tmp_pa
         download_hub_state(parse_hub_state("me/repo/runs/missing"), download=lambda **_: str(tmp_path / "hf-cache"))
 
 
-def test_hub_resume_mistakes_are_one_error_line(run_script, tiny_model_dirs, shapes_data, tmp_path):
+def test_hub_resume_mistakes_are_one_error_line(run_script, run_in_process, tiny_model_dirs, shapes_data, tmp_path):
     base = lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 2)
-    result = run_script("train_network.py", [*base, "--resume_from_huggingface"], expect_rc=None)
+    result = run_in_process("train_network.py", [*base, "--resume_from_huggingface"], expect_rc=None)  # real below
     assert_one_error_line(result, "--resume_from_huggingface needs --resume {repo_id}/{path_in_repo}")
     result = run_script("train_network.py", [*base, "--resume_from_huggingface", "--resume", "me/repo/runs/s",
                                              "--huggingface_token", "hf_NotShown"], expect_rc=None)  # offline

@@ -95,8 +95,9 @@ def test_save_n_epoch_ratio_and_save_last_n_epochs_state(run_script, tiny_model_
                            "lora.safetensors", "lora-000003-state", "lora-state"}
 
 
-def test_initial_step_counts_from_there_and_skip_until_initial_step_skips_the_data(run_script, tiny_model_dirs,
-                                                                                  two_images, tmp_path) -> None:
+def test_initial_step_counts_from_there_and_skip_until_initial_step_skips_the_data(run_script, run_in_process,
+                                                                                  tiny_model_dirs, two_images,
+                                                                                  tmp_path) -> None:
     """Two steps per epoch, --max_train_steps 5 --initial_step 3. With --skip_until_initial_step the run is at
     step 3 (epoch 2, its first batch skipped) and trains steps 4-5; without it training starts at the beginning of
     epoch 2, i.e. step 2, and trains steps 3-5. --save_every_n_steps 1 names each step trained."""
@@ -108,7 +109,8 @@ def test_initial_step_counts_from_there_and_skip_until_initial_step_skips_the_da
     assert "starting at step 3 (epoch 2): the batches before it are skipped" in result.stdout
     assert "after 5 steps" in result.stdout
     assert _saved(skip) == {"lora-step00000004.safetensors", "lora.safetensors"}
-    result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], two_images, plain, 5, *common))
+    # --initial_step ran as typed above; without --skip_until_initial_step only the start differs
+    result = run_in_process("train_network.py", lora_args(tiny_model_dirs["sd15"], two_images, plain, 5, *common))
     assert "starting at step 2 (epoch 2): the data starts at the beginning of that epoch" in result.stdout
     assert _saved(plain) == {"lora-step00000003.safetensors", "lora-step00000004.safetensors", "lora.safetensors"}
     from safetensors import safe_open

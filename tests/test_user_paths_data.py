@@ -306,10 +306,11 @@ def test_palette_with_transparency_goes_on_white(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_nan_in_a_cached_latent_is_rebuilt_not_trained_on(run_script, tiny_model_dirs, shapes_data, tmp_path):
+def test_nan_in_a_cached_latent_is_rebuilt_not_trained_on(run_script, run_in_process, tiny_model_dirs, shapes_data,
+                                                         tmp_path):
     data = copy_dataset(shapes_data, tmp_path / "data")
     flags = ("--in_json", data / "meta.json", "--train_data_dir", data / "images", "--cache_latents_to_disk")
-    run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], tmp_path / "first", 1, *flags))
+    run_in_process("train_network.py", lora_args(tiny_model_dirs["sd15"], tmp_path / "first", 1, *flags))  # the caches
     caches = sorted((data / "images").glob("*_sd.npz"))
     assert len(caches) == 6
     poisoned = caches[1]

@@ -275,10 +275,10 @@ def test_truncated_model_file_is_one_error_line(single_files, shapes_data, tmp_p
     assert_one_error_line(result, str(broken), "truncated")
 
 
-def test_model_path_that_is_no_safetensors_file_is_one_error_line(shapes_data, tmp_path, run_script):
+def test_model_path_that_is_no_safetensors_file_is_one_error_line(shapes_data, tmp_path, run_in_process):
     fake = tmp_path / "model.safetensors"
-    fake.write_text("<html>403 Forbidden</html>")
-    result = run_script("train_network.py", lora_args(fake, shapes_data, tmp_path / "out", 1), expect_rc=None)
+    fake.write_text("<html>403 Forbidden</html>")  # a broken model file as a real process: the truncated one above
+    result = run_in_process("train_network.py", lora_args(fake, shapes_data, tmp_path / "out", 1), expect_rc=None)
     assert_one_error_line(result, str(fake), "safetensors")
 
 
@@ -289,17 +289,17 @@ def test_truncated_network_weights_are_one_error_line(tiny_model_dirs, shapes_da
     assert_one_error_line(result, str(lora), "truncated")
 
 
-def test_lora_for_another_family_is_one_error_line(tiny_model_dirs, shapes_data, tmp_path, run_script):
-    lora = _lora_file(tiny_model_dirs["sdxl"], tmp_path / "sdxl_lora.safetensors", 4)
-    result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
-                                                       "--network_weights", lora), expect_rc=None)
+def test_lora_for_another_family_is_one_error_line(tiny_model_dirs, shapes_data, tmp_path, run_in_process):
+    lora = _lora_file(tiny_model_dirs["sdxl"], tmp_path / "sdxl_lora.safetensors", 4)  # real process: truncated above
+    result = run_in_process("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
+                                                           "--network_weights", lora), expect_rc=None)
     assert_one_error_line(result, str(lora), "another model family")
 
 
-def test_lora_of_another_rank_is_one_error_line(tiny_model_dirs, shapes_data, tmp_path, run_script):
-    lora = _lora_file(tiny_model_dirs["sd15"], tmp_path / "rank8.safetensors", 8)
-    result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
-                                                       "--network_weights", lora), expect_rc=None)
+def test_lora_of_another_rank_is_one_error_line(tiny_model_dirs, shapes_data, tmp_path, run_in_process):
+    lora = _lora_file(tiny_model_dirs["sd15"], tmp_path / "rank8.safetensors", 8)  # real process: truncated above
+    result = run_in_process("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, tmp_path / "out", 1,
+                                                           "--network_weights", lora), expect_rc=None)
     assert_one_error_line(result, str(lora), "--network_dim")
 
 

@@ -91,13 +91,13 @@ def test_in_memory_caches_create_a_missing_output_dir(run_script, tiny_model_dir
 # D9: output problems at start-up
 
 
-def test_output_dir_that_is_a_file_is_one_error_line_before_the_model_loads(run_script, tiny_model_dirs,
-                                                                             shapes_data, tmp_path):
+def test_output_dir_that_is_a_file_is_one_error_line_before_the_model_loads(run_script, run_in_process,
+                                                                             tiny_model_dirs, shapes_data, tmp_path):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
-    for output, expected in [(a_file, "is a file, not a folder"), (a_file / "out", f"{a_file} is a file")]:
-        result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2),
-                            expect_rc=1)
+    for run, output, expected in [(run_script, a_file, "is a file, not a folder"),
+                                  (run_in_process, a_file / "out", f"{a_file} is a file")]:
+        result = run("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2), expect_rc=1)
         line = assert_one_error_line(result)
         assert f"--output_dir {output}" in line and expected in line
         assert "model:" not in result.stdout  # stopped before the model loaded and the summary printed
@@ -129,7 +129,7 @@ def read_only_hook(folder: Path, read_only: Path) -> Path:
     return folder
 
 
-def test_read_only_output_dir_is_one_error_line(run_script, tiny_model_dirs, shapes_data, tmp_path):
+def test_read_only_output_dir_is_one_error_line(run_script, run_in_process, tiny_model_dirs, shapes_data, tmp_path):
     read_only = tmp_path / "ro"
     with tmpfs(read_only, "ro,size=1M") as mounted:
         env = {}
@@ -139,9 +139,12 @@ def test_read_only_output_dir_is_one_error_line(run_script, tiny_model_dirs, sha
                 env = {"PYTHONPATH": f"{hook}{os.pathsep}{Path(__file__).parent.parent}"}
             else:
                 read_only.chmod(0o555)
-        for output, expected in [(read_only, "is not writable"), (read_only / "out", f"cannot be created in {read_only}")]:
-            result = run_script("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2),
-                                expect_rc=1, env=env)
+        # the second case in-process, unless the read-only filesystem is the hook that only a new process loads
+        second = run_script if env else run_in_process
+        for run, output, expected in [(run_script, read_only, "is not writable"),
+                                      (second, read_only / "out", f"cannot be created in {read_only}")]:
+            result = run("train_network.py", lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2),
+                         expect_rc=1, env=env)
             line = assert_one_error_line(result)
             assert f"--output_dir {output}" in line and expected in line and "writable" in line
 
@@ -149,7 +152,7 @@ def test_read_only_output_dir_is_one_error_line(run_script, tiny_model_dirs, sha
 def test_an_existing_lora_is_kept_unless_overwrite(run_script, run_in_process, tiny_model_dirs, shapes_data, tmp_path):
     output = tmp_path / "out"
     args = lora_args(tiny_model_dirs["sd15"], shapes_data, output, 2)
-    run_script("train_network.py", args)
+    run_in_process("train_network.py", args)  # the earlier run; --overwrite below is the real process
     before = fingerprint(output)
     result = run_in_process("train_network.py", [*args, "--learning_rate", "1e-2"], expect_rc=1)
     line = assert_one_error_line(result)
@@ -168,7 +171,7 @@ def test_an_existing_sdxl_folder_stops_at_start_up_and_is_replaced_with_overwrit
 
     output = tmp_path / "out"
     args = sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 1)  # a folder in, a diffusers folder out
-    run_script("train_sdxl.py", args)
+    run_in_process("train_sdxl.py", args)  # the earlier run; --overwrite below is the real process
     before = fingerprint(output)
     line = assert_one_error_line(run_in_process("train_sdxl.py", args, expect_rc=1))  # was FileExistsError after training
     assert f"{output / 'model'} already exists" in line and "--overwrite" in line
@@ -234,8 +237,8 @@ def enospc_hook(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("script", ["train_network.py", "train_sdxl.py"])
-def test_a_full_disk_warns_at_start_and_fails_a_save_in_one_line(run_script, tiny_model_dirs, shapes_data, tmp_path,
-                                                                 script):
+def test_a_full_disk_warns_at_start_and_fails_a_save_in_one_line(run_script, run_in_process, tiny_model_dirs,
+                                                                 shapes_data, tmp_path, script):
     disk = tmp_path / "disk"
     with tmpfs(disk, "size=256M") as mounted:
         output = disk / "out"
@@ -245,7 +248,7 @@ def test_a_full_disk_warns_at_start_and_fails_a_save_in_one_line(run_script, tin
         else:  # a diffusers folder: kohya left an empty *.tmp-saving folder behind
             args = sdxl_args(tiny_model_dirs["sdxl"], shapes_data, output, 4, "--save_every_n_steps", "2", "--save_state")
             first = output / "model-step00000002-state"
-        run_script(script, args)
+        run_in_process(script, args)  # the earlier saves the full disk must leave intact
         before = fingerprint(output)
         env = {}
         if mounted:  # leave 64 KiB: the probe fits, no model does
@@ -272,8 +275,8 @@ def test_a_full_disk_warns_at_start_and_fails_a_save_in_one_line(run_script, tin
 
 
 @pytest.mark.parametrize("case", ["sdxl_single_file", "sdxl_diffusers", "network", "controlnet"])
-def test_resume_into_the_runs_own_output_dir(run_script, tiny_model_dirs, sdxl_single_file, shapes_data, tmp_path,
-                                             case):
+def test_resume_into_the_runs_own_output_dir(run_script, run_in_process, tiny_model_dirs, sdxl_single_file,
+                                             shapes_data, tmp_path, case):
     output = tmp_path / "out"
     saving = ("--save_every_n_steps", "2", "--save_state")
     script, args, name = {
@@ -283,7 +286,7 @@ def test_resume_into_the_runs_own_output_dir(run_script, tiny_model_dirs, sdxl_s
         "controlnet": ("train_controlnet.py", controlnet_args(tiny_model_dirs["sd15"], shapes_data, output, 4, *saving),
                        "cn"),
     }[case]
-    run_script(script, args)
+    run_in_process(script, args)  # the crashed run, only the folder it leaves behind matters
     before = fingerprint(output)
     written = modification_times(output)
     step2 = output / f"{name}-step00000002-state"
