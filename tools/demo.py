@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--learning_rate", default="3e-3", help="the LoRA's learning rate")
     parser.add_argument("--seeds", type=int, default=16, help="images per prompt for the before/after scores")
     parser.add_argument("--sample_steps", type=int, default=16, help="sampling steps of every image")
     args = parser.parse_args(argv)
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "--train_data_dir", str(out / "data" / "images"), "--resolution", "64", "--train_batch_size", "4",
         "--max_token_length", "150",
         "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
-        "--learning_rate", "3e-3", "--max_train_steps", str(args.steps), "--seed", "0",
+        "--network_args", "conv_dim=16", "conv_alpha=16",  # LoCon: attention alone does not change the shape drawn
+        "--learning_rate", args.learning_rate, "--max_train_steps", str(args.steps), "--seed", "0",
         "--output_dir", str(out / "lora"), "--output_name", "star_lora", "--save_every_n_steps", str(max(1, args.steps // 2)),
         "--sample_prompts", str(prompts), "--sample_every_n_steps", str(args.steps), "--sample_sampler", "euler",
         "--logging_dir", str(out / "logs"), "--max_data_loader_n_workers", "0",

@@ -1,33 +1,43 @@
 """Pretrain the tiny SDXL architecture from scratch on procedural shapes, so that it can draw.
 
-    python tools/pretrain_tiny.py --work_dir pretrain_work [--vae_steps 800] [--unet_steps 800]
+    python tools/pretrain_tiny.py --work_dir pretrain_work [--vae_steps 1000] [--unet_steps 2000]
 
 1. writes the shapes dataset at 64 px (tools/make_sample_dataset.py --variety full: 3000 images);
-2. trains the VAE for reconstruction (L1 on random 32 px crops that hold part of a shape), then rescales its
-   latent so that ``latent * scaling_factor`` has unit spread and makes the encoder deterministic;
+2. trains the VAE for reconstruction (L1 on batches of 32 random 32 px crops that hold part of a shape), then
+   rescales its latent so that ``latent * scaling_factor`` has unit spread and makes the encoder deterministic;
 3. trains the UNet with the project's own train_sdxl.py (``main(argv)``: cached latents and text-encoder
-   outputs, min-SNR weighting, caption dropout for classifier-free guidance); the text encoders stay at their
-   seeded random initialisation;
+   outputs, min-SNR weighting, caption dropout for classifier-free guidance, constant learning rate after 50
+   warm-up steps, so the checkpoint at step N is what an N-step run gives); the text encoders stay at their
+   seeded random initialisation (trained ones would add ~8 MB fp16, over the 10 MB budget);
 4. exports the UNet and VAE in fp16 (``--export_to``, by default ``library/models/tiny_pretrained/``, which
    `library.models.tiny_models.build_pretrained_tiny_model` loads); the text encoders are rebuilt from the
    seed there and checked against the hash written next to the weights; prints the concept scores
-   (library.training.concept_score) of a few prompts.
+   (library.training.concept_score) of a few prompts and the score of each prompt's images against the OTHER
+   prompts ("mismatched": what a model that ignores its prompt gets).
 
-Everything is seeded and runs on one thread. Measured with the defaults on 2 cores shared with other jobs:
-527 s of CPU in all (VAE 166 s, 800 UNet steps of batch 32 about 330 s, caching and scoring the rest), 28 min
-of wall time on the loaded machine. That budget is NOT enough yet: the VAE still loses colour (L1 0.29 at
-64 px) and the UNet ignores the prompt (concept scores 0.04-0.29), so no weights are committed; more VAE steps
-(colour comes late) and more UNet steps are the next thing to try. SD1.5 has no full fine-tune script to train
-its UNet with, so only SDXL is pretrained. Each stage is skipped when its output is in --work_dir.
+Everything is seeded and runs on one thread. The committed weights are this recipe (the defaults), measured on
+2 cores shared with other jobs: VAE 1000 steps of batch 32, 557 s CPU (616 s wall), reconstruction of the
+64 px images L1 8.1/255, mean-colour error 4.7/255, chroma ratio 1.11 (batch 8 and 800 steps lost colour:
+error 17-24/255); UNet 2000 steps of batch 32 at lr 1e-3, ~0.45 s CPU a step (caching ~60 s): ~960 s CPU,
+~22 min wall. About 26 min of CPU in all. Mean concept score over EVAL_PROMPTS x 16 seeds (guidance 4) by
+UNet step: random UNet 0.38 (noise scores by luck: colour shares), 500: 0.22, 1000: 0.38, 1500: 0.52,
+2000: 0.63 (the export; "a red circle on a white background" 0.81, mismatched prompts 0.12), 2500: 0.58,
+3000: 0.47, 3500: 0.57; with the constant rate the score swings between checkpoints, 2000 was the best of
+those. Short captions (``--captions short``) were behind at 1000 and 1500 steps (0.37, 0.47). "a blue square"
+(0.28) and "a white diamond" (0.46) are the weak prompts: the shapes come out as round blobs. SD1.5 is not
+pretrained: its tiny UNet (2.45 M parameters, 4.9 MB fp16) would not fit next to the SDXL UNet (6.2 MB) and the
+VAE (2.8 MB) in 10 MB, and SD1.5 has no full fine-tune script to train it with. Known gap: the VAE sees no
+purple (the data keeps it for the demo's new concept) and decodes purple (140, 50, 200) as cyan (87, 189, 210),
+so the demo's LoRA draws cyan stars; the VAE should also see shapes of random colours. Each stage is skipped when its
+output is in --work_dir.
 
 The models are built with ``pretrained_layout`` (library.models.tiny_models.PRETRAINED_NORM_GROUPS): at the
 tiny widths, GroupNorm's 32 groups are one channel each, a per-channel instance norm that removes every
 channel's mean over the image, so flat colours cannot pass the VAE and the UNet can hardly set its output's
 mean (measured: mean colour error of the VAE after 400 steps 24/255 with 32 groups, 17/255 with 8). Flat
 crops (no shape in them) have zero variance under those norms and made the VAE's loss jump; they are skipped.
-With both, 1200 VAE steps (~260 s CPU) reach a pixel error of 23/255 with colours present but desaturated, and a
-UNet trained 800 steps on 8x8-pooled images (no VAE at all) still draws what its seed says, not its prompt: the
-CPU budget, not a data bug, is what stops the base from drawing.
+With both but batches of 8 crops, 1200 VAE steps still left colours desaturated (pixel error 23/255); batches
+of 32 fixed that. 800 UNet steps were too few to follow the prompt (scores 0.04-0.29); it starts near 1000.
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -53,7 +65,7 @@ from library.models.tiny_models import (
     write_pretrained,
 )
 from tools.make_sample_dataset import make_sample_dataset
-from tools.shape_samples import EVAL_PROMPTS, sample, score_images
+from tools.shape_samples import EVAL_PROMPTS, contact_sheet, sample, score_images
 
 SEED = 0
 
@@ -93,9 +105,14 @@ def random_crops(pixels: list[torch.Tensor], batch: int, crop: int, gen: torch.G
     return torch.stack(crops)
 
 
-def train_vae(vae: torch.nn.Module, pixels: list[torch.Tensor], *, steps: int, log: Path) -> list[float]:
+def train_vae(vae: torch.nn.Module, pixels: list[torch.Tensor], *, steps: int, log: Path, batch: int = 32,
+              device: str = "cpu", max_seconds: float | None = None, eval_every: int = 0) -> list[float]:
     """Reconstruction training of a plain autoencoder (the posterior mean; its variance is switched off after,
-    in `normalise_latent`): L1 + 0.1 * MSE on batches of 8 random 32 px crops, and a small pull of the latent towards zero."""
+    in `normalise_latent`): L1 + 0.1 * MSE on batches of random 32 px crops, and a small pull of the latent towards zero.
+
+    The crops are drawn on the CPU from a seeded generator whatever the device, so the data order never depends
+    on it. ``max_seconds`` ends the loop early (a GPU sweep with a fixed budget); ``eval_every`` logs
+    `vae_metrics` every that many steps, to see how many steps colour needs."""
     gen = torch.Generator().manual_seed(SEED)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -103,7 +120,11 @@ def train_vae(vae: torch.nn.Module, pixels: list[torch.Tensor], *, steps: int, l
     losses = []
     start = time.perf_counter()
     for step in range(steps):
-        x = crop_batch(pixels, 8, 32, gen)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            with log.open("a") as f:
+                f.write(f"vae stopped at step {step} of {steps}: --vae_max_seconds {max_seconds:g} reached\n")
+            break
+        x = crop_batch(pixels, batch, 32, gen).to(device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean
         recon = vae.decode(z).sample
@@ -118,15 +139,38 @@ def train_vae(vae: torch.nn.Module, pixels: list[torch.Tensor], *, steps: int, l
             with log.open("a") as f:
                 f.write(f"vae step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
                         f"t {time.perf_counter() - start:.0f}s\n")
+        if eval_every and (step + 1) % eval_every == 0:
+            vae.eval()
+            with log.open("a") as f:
+                f.write(f"vae metrics step {step + 1} {json.dumps(vae_metrics(vae, pixels, device))}\n")
+            vae.train()
     vae.eval()
     return losses
 
 
 @torch.no_grad()
-def normalise_latent(vae: torch.nn.Module, pixels: list[torch.Tensor]) -> float:
+def vae_metrics(vae: torch.nn.Module, pixels: list[torch.Tensor], device: str = "cpu", count: int = 256) -> dict[str, float]:
+    """Reconstruction of the first ``count`` square images at full size, in 0-255 units: ``l1`` per pixel,
+    ``colour_error`` (how far each image's mean colour moves) and ``chroma_ratio`` (mean max-min channel spread
+    of the reconstruction over the original's: below 1 is the desaturation seen on CPU)."""
+    square = torch.stack([p for p in pixels if p.shape[1] == p.shape[2]][:count])
+    recon = torch.cat([vae.decode(vae.encode(chunk.to(device)).latent_dist.mean).sample.float().cpu()
+                       for chunk in square.split(64)]).clamp(-1, 1)
+    to255 = 127.5
+
+    def chroma(x: torch.Tensor) -> torch.Tensor:
+        return (x.amax(1) - x.amin(1)).mean()
+
+    return {"l1": round(float((recon - square).abs().mean()) * to255, 2),
+            "colour_error": round(float((recon.mean((2, 3)) - square.mean((2, 3))).abs().mean()) * to255, 2),
+            "chroma_ratio": round(float(chroma(recon) / chroma(square)), 3)}
+
+
+@torch.no_grad()
+def normalise_latent(vae: torch.nn.Module, pixels: list[torch.Tensor], device: str = "cpu") -> float:
     """Rescale the latent (an exact reparametrisation) so that latent * scaling_factor has unit spread, and make
     the encoder deterministic (log-variance -20: sampling the posterior gives its mean)."""
-    square = torch.stack([p for p in pixels if p.shape[1] == p.shape[2]][:256])
+    square = torch.stack([p for p in pixels if p.shape[1] == p.shape[2]][:256]).to(device)
     mean = vae.encode(square).latent_dist.mean
     k = 1.0 / (float(mean.std()) * vae.config.scaling_factor)
     channels = vae.config.latent_channels
@@ -138,75 +182,193 @@ def normalise_latent(vae: torch.nn.Module, pixels: list[torch.Tensor]) -> float:
     return k
 
 
-def vae_stage(family: str, work: Path, steps: int, log: Path) -> Path:
-    """Train the VAE; write a single-file base (seeded random UNet and text encoders, trained VAE)."""
+def vae_stage(family: str, work: Path, steps: int, log: Path, *, batch: int = 32, device: str = "cpu",
+              max_seconds: float | None = None, eval_every: int = 0, vae_from: Path | None = None) -> Path:
+    """Train the VAE (or take ``vae_from``, a VAE state dict this tool wrote); write a single-file base (seeded
+    random UNet and text encoders, trained VAE)."""
     base = work / f"{family}_base.safetensors"
     if base.exists():
         return base
     torch.manual_seed(SEED)
     model = build_tiny_model(family, seed=SEED, pretrained_layout=True)
-    shared = work / "vae.safetensors"
+    shared = vae_from or work / "vae.safetensors"
     if shared.exists():  # both families use the same tiny VAE architecture: train it once
         from safetensors.torch import load_file
-        model.vae.load_state_dict(load_file(shared))
+        model.vae.load_state_dict({k: v.to(torch.float32) for k, v in load_file(shared).items()})
     else:
         pixels = load_pixels(work / "data" / "images")
-        train_vae(model.vae, pixels, steps=steps, log=log)
-        k = normalise_latent(model.vae, pixels)
+        model.vae.to(device)
+        train_vae(model.vae, pixels, steps=steps, log=log, batch=batch, device=device, max_seconds=max_seconds,
+                  eval_every=eval_every)
+        k = normalise_latent(model.vae, pixels, device)
+        metrics = vae_metrics(model.vae, pixels, device) if eval_every else None
+        model.vae.to("cpu")
         with log.open("a") as f:
-            f.write(f"latent rescaled by {k:.3f}\n")
+            f.write(f"latent rescaled by {k:.3f}\n" + (f"vae metrics final {json.dumps(metrics)}\n" if metrics else ""))
         from safetensors.torch import save_file
         save_file({k_: v.contiguous() for k_, v in model.vae.state_dict().items()}, shared)
     save_single_file(model, base)
     return base
 
 
-def unet_argv(family: str, base: Path, work: Path, steps: int, batch: int, lr: float) -> list[str]:
+def short_captions_meta(work: Path) -> Path:
+    """A copy of the dataset's meta.json whose captions stop at the first comma ("a red circle on a white
+    background", without ", large, top left"), written into the work dir so a shared dataset stays untouched."""
+    meta = json.loads((work / "data" / "meta.json").read_text(encoding="utf-8"))
+    short = {stem: {**item, "caption": item["caption"].split(",")[0]} for stem, item in meta.items()}
+    path = work / "meta_short.json"
+    path.write_text(json.dumps(short, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def unet_argv(family: str, base: Path, work: Path, steps: int, batch: int, lr: float, *, in_json: Path | None = None,
+              train_text_encoder: bool = False, te_lr: float | None = None, lr_scheduler: str = "constant_with_warmup",
+              save_every: int | None = None) -> list[str]:
+    """train_sdxl's command line. A trained text encoder changes its outputs every step, so they are cached only
+    when the encoders stay frozen."""
+    text = (["--train_text_encoder", "--learning_rate_te1", str(te_lr or lr), "--learning_rate_te2", str(te_lr or lr)]
+            if train_text_encoder else ["--cache_text_encoder_outputs"])
     return [
-        "--pretrained_model_name_or_path", str(base), "--in_json", str(work / "data" / "meta.json"),
+        "--pretrained_model_name_or_path", str(base), "--in_json", str(in_json or work / "data" / "meta.json"),
         "--train_data_dir", str(work / "data" / "images"), "--resolution", "64", "--enable_bucket",
         "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
-        "--cache_latents", "--cache_text_encoder_outputs", "--vae_batch_size", "32", "--train_batch_size", str(batch),
-        "--learning_rate", str(lr), "--optimizer_type", "AdamW", "--lr_scheduler", "cosine",
+        "--cache_latents", *text, "--vae_batch_size", "32", "--train_batch_size", str(batch),
+        "--learning_rate", str(lr), "--optimizer_type", "AdamW", "--lr_scheduler", lr_scheduler,
         "--lr_warmup_steps", str(min(50, steps // 10)), "--max_train_steps", str(steps), "--seed", str(SEED),
         "--max_data_loader_n_workers", "0", "--output_dir", str(work / "out"), "--output_name", f"{family}_trained",
         "--save_model_as", "safetensors", "--max_grad_norm", "1.0", "--caption_dropout_rate", "0.1",
-        "--min_snr_gamma", "5", "--save_every_n_steps", str(max(1, steps // 4)),
+        "--min_snr_gamma", "5", "--save_every_n_steps", str(save_every or max(1, steps // 4)),
     ]
 
 
-def unet_stage(family: str, work: Path, base: Path, steps: int, batch: int, lr: float) -> Path:
+def unet_stage(family: str, work: Path, base: Path, argv: list[str]) -> Path:
     import train_sdxl
 
     out = work / "out" / f"{family}_trained.safetensors"
     if not out.exists():
-        code = train_sdxl.main(unet_argv(family, base, work, steps, batch, lr))
+        code = train_sdxl.main(argv)
         if code != 0:
             raise SystemExit(code)
     return out
 
 
-def evaluate(model, prompts: tuple[str, ...] = EVAL_PROMPTS, seeds: int = 16) -> dict[str, float]:
-    """Mean concept score of each prompt over seeds 0..seeds-1 (library.training.concept_score)."""
-    pipe = model.to_pipeline()
+def checkpoints(work: Path, family: str) -> list[tuple[int, Path]]:
+    """(step, file) of every UNet checkpoint train_sdxl wrote in ``work/out``, the final one last (step -1 when
+    its step is unknown)."""
+    found = []
+    for path in (work / "out").glob(f"{family}_trained*.safetensors"):
+        match = re.fullmatch(re.escape(family) + r"_trained-step(\d{8})\.safetensors", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+        elif path.name == f"{family}_trained.safetensors":
+            found.append((10**9, path))
+    return sorted(found)
+
+
+def evaluate(model, prompts: tuple[str, ...] = EVAL_PROMPTS, seeds: int = 16, *, device: str = "cpu",
+             guidance: float = 4.0, images: dict[str, list[Image.Image]] | None = None) -> dict[str, float]:
+    """Mean concept score of each prompt over seeds 0..seeds-1 (library.training.concept_score); the sampled
+    images go into ``images`` when it is given."""
+    pipe = model.to_pipeline().to(device)
     pipe.set_progress_bar_config(disable=True)
-    return {prompt: round(score_images(sample(pipe, prompt, range(seeds)), prompt), 4) for prompt in prompts}
+    scores = {}
+    for prompt in prompts:
+        drawn = sample(pipe, prompt, range(seeds), guidance=guidance)
+        scores[prompt] = round(score_images(drawn, prompt), 4)
+        if images is not None:
+            images[prompt] = drawn
+    return scores
+
+
+def mismatched_score(images: dict[str, list[Image.Image]]) -> float:
+    """Mean concept score of each prompt's images against every OTHER prompt: a model that ignores its prompt
+    scores as well here as on its own prompts; the gap between the two is how much it follows the prompt."""
+    scores = [score_images(drawn, other) for prompt, drawn in images.items() for other in images if other != prompt]
+    return round(sum(scores) / len(scores), 4)
+
+
+def evaluate_checkpoints(work: Path, family: str, *, seeds: int, device: str, guidances: list[float],
+                         only_steps: set[int] | None = None) -> Path:
+    """Concept scores of the checkpoints in ``work/out`` (all, or those at ``only_steps`` and the last), one JSON
+    line per checkpoint appended to ``work/eval.jsonl`` as soon as it is known (a killed run keeps what it got);
+    the last checkpoint is also scored at the further ``guidances`` and drawn to ``work/samples.png``. The last
+    checkpoint goes first, so a time limit cuts the intermediate ones, not the result."""
+    found = checkpoints(work, family)
+    if not found:
+        raise FileNotFoundError(f"no {family}_trained*.safetensors in {work / 'out'}: run --stage unet first")
+    picked = [found[-1]] + [item for item in found[:-1] if only_steps is None or item[0] in only_steps]
+    results = work / "eval.jsonl"
+    for index, (step, path) in enumerate(picked):
+        last = index == 0
+        for guidance in guidances if last else guidances[:1]:
+            drawn: dict[str, list[Image.Image]] = {}
+            start = time.perf_counter()
+            scores = evaluate(load_model(path), seeds=seeds, device=device, guidance=guidance, images=drawn)
+            line = {"checkpoint": path.name, "step": None if step == 10**9 else step, "guidance": guidance,
+                    "mean": round(sum(scores.values()) / len(scores), 4), "mismatched": mismatched_score(drawn),
+                    "scores": scores,
+                    "eval_s": round(time.perf_counter() - start, 1)}
+            with results.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(json.dumps(line), flush=True)
+            if last and guidance == guidances[0]:
+                labels = [f"{p.split(' on ')[0]}\n{scores[p]:.2f}" for p in drawn]
+                contact_sheet([images[:8] for images in drawn.values()], labels, label_width=110).save(work / "samples.png")
+    return results
+
+
+def pick_device(name: str | None) -> str:
+    """``--device``: cuda when one is there, else cpu. ``cpu`` on a GPU machine also hides the GPUs from
+    train_sdxl (accelerate takes any GPU it sees)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: no CUDA GPU is visible; use --device cpu")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", required=True, help="folder for the dataset, caches and checkpoints")
     parser.add_argument("--family", choices=(SDXL.name,), default=SDXL.name, help="train_sdxl.py trains the UNet")
-    parser.add_argument("--images", type=int, default=3000)
-    parser.add_argument("--vae_steps", type=int, default=800)
-    parser.add_argument("--unet_steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--images", type=int, default=3000, help="images in the shapes dataset")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="device of the VAE stage and of the evaluation (default: cuda when there is one); "
+                             "train_sdxl takes the GPU by itself, and --device cpu hides it")
+    parser.add_argument("--vae_steps", type=int, default=1000, help="VAE training steps")
+    parser.add_argument("--vae_batch", type=int, default=32, help="32 px crops per VAE step (8 loses colour)")
+    parser.add_argument("--vae_max_seconds", type=float, default=None,
+                        help="end VAE training early after this many seconds (GPU sweeps with a fixed budget)")
+    parser.add_argument("--vae_eval_every", type=int, default=0,
+                        help="log the VAE's L1, mean-colour error and chroma ratio every N steps and at the end (0: never)")
+    parser.add_argument("--vae_from", type=Path, default=None,
+                        help="a vae.safetensors written by an earlier run (or an exported fp16 VAE): skip VAE training")
+    parser.add_argument("--unet_steps", type=int, default=2000, help="UNet steps (train_sdxl --max_train_steps)")
+    parser.add_argument("--batch", type=int, default=32, help="UNet batch size")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="UNet learning rate")
+    parser.add_argument("--lr_scheduler", default="constant_with_warmup",
+                        help="train_sdxl --lr_scheduler (constant_with_warmup makes intermediate checkpoints comparable)")
+    parser.add_argument("--captions", choices=("full", "short"), default="full",
+                        help="full: the dataset's captions; short: only 'a <colour> <shape> on a <bg> background'")
+    parser.add_argument("--train_text_encoder", action="store_true",
+                        help="train both text encoders too (their outputs are then not cached, and the result no "
+                             "longer matches the seeded encoders the exported model rebuilds)")
+    parser.add_argument("--te_learning_rate", type=float, default=None, help="text-encoder learning rate (default: --learning_rate)")
+    parser.add_argument("--save_every", type=int, default=None, help="UNet checkpoint every N steps (default: a quarter of the steps)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (one keeps runs bit-identical)")
-    parser.add_argument("--stage", choices=("vae", "unet", "all"), default="all")
+    parser.add_argument("--stage", choices=("vae", "unet", "eval", "all"), default="all",
+                        help="eval: score the checkpoints in WORK_DIR/out (see --eval_steps) into WORK_DIR/eval.jsonl")
     parser.add_argument("--export_to", default=str(PRETRAINED_DIR), help="where the fp16 weights go")
     parser.add_argument("--eval_seeds", type=int, default=16, help="seeds per prompt for the concept scores")
+    parser.add_argument("--eval_steps", default=None,
+                        help="--stage eval: comma-separated steps whose checkpoints to score (the last is always scored)")
+    parser.add_argument("--eval_guidance", default="4",
+                        help="--stage eval: comma-separated guidance scales; the first for every checkpoint, the "
+                             "others only for the last one")
     args = parser.parse_args(argv)
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     random.seed(SEED)
     work = Path(args.work_dir)
@@ -216,16 +378,34 @@ def main(argv: list[str] | None = None) -> int:
     if not (work / "data" / "meta.json").exists():
         make_sample_dataset(work / "data", count=args.images, size=64, seed=SEED, variety="full")
     family = resolve_family(args.family).name
-    base = vae_stage(family, work, args.vae_steps, log)
+    if args.stage == "eval":
+        guidances = [float(g) for g in args.eval_guidance.split(",")]
+        steps = {int(s) for s in args.eval_steps.split(",")} if args.eval_steps else None
+        evaluate_checkpoints(work, family, seeds=args.eval_seeds, device=device, guidances=guidances, only_steps=steps)
+        return 0
+    if args.vae_from is not None and not args.vae_from.is_file():
+        parser.error(f"--vae_from {args.vae_from} is not a file: pass the vae.safetensors of an earlier run")
+    base = vae_stage(family, work, args.vae_steps, log, batch=args.vae_batch, device=device,
+                     max_seconds=args.vae_max_seconds, eval_every=args.vae_eval_every, vae_from=args.vae_from)
     print(f"VAE ready: {base} ({time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU)")
     if args.stage == "vae":
         return 0
-    trained = unet_stage(family, work, base, args.unet_steps, args.batch, args.learning_rate)
+    in_json = short_captions_meta(work) if args.captions == "short" else None
+    trained = unet_stage(family, work, base, unet_argv(
+        family, base, work, args.unet_steps, args.batch, args.learning_rate, in_json=in_json,
+        train_text_encoder=args.train_text_encoder, te_lr=args.te_learning_rate, lr_scheduler=args.lr_scheduler,
+        save_every=args.save_every))
+    if args.stage == "unet":
+        return 0
     model = load_model(trained)
     written = write_pretrained(model, Path(args.export_to))
     summary = {"family": family, "wall_s": round(time.perf_counter() - start), "cpu_s": round(time.process_time() - cpu),
                "files": [str(p) for p in written], "text_encoder_hash": text_encoder_hash(model)}
-    summary["concept_scores"] = evaluate(build_pretrained_tiny_model(family, Path(args.export_to)), seeds=args.eval_seeds)
+    drawn: dict[str, list[Image.Image]] = {}
+    summary["concept_scores"] = evaluate(build_pretrained_tiny_model(family, Path(args.export_to)), seeds=args.eval_seeds,
+                                         device=device, images=drawn)
+    summary["mean"] = round(sum(summary["concept_scores"].values()) / len(drawn), 4)
+    summary["mismatched"] = mismatched_score(drawn)
     print(json.dumps(summary, indent=2))
     with log.open("a") as f:
         f.write(json.dumps(summary) + "\n")
