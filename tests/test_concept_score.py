@@ -57,7 +57,7 @@ def test_a_purple_star_is_told_from_other_colours_and_shapes(tmp_path: Path) -> 
 def test_pretraining_runs_end_to_end_and_its_export_loads(tmp_path: Path, capsys) -> None:
     export = tmp_path / "export"
     assert pretrain_tiny.main(["--work_dir", str(tmp_path / "work"), "--images", "24", "--vae_steps", "2",
-                               "--unet_steps", "2", "--batch", "4", "--export_to", str(export), "--eval_seeds", "1"]) == 0
+                               "--decoder_steps", "2", "--unet_steps", "2", "--batch", "4", "--export_to", str(export), "--eval_seeds", "1"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.rindex('{\n  "family"'):])
     assert set(summary["concept_scores"]) == set(pretrain_tiny.EVAL_PROMPTS)
@@ -75,3 +75,20 @@ def test_pretraining_runs_end_to_end_and_its_export_loads(tmp_path: Path, capsys
     (export / "text_encoder_hashes.json").write_text(json.dumps({"sdxl": "0" * 64}))
     with pytest.raises(RuntimeError, match="seeded text encoders"):
         build_pretrained_tiny_model("sdxl", export)
+
+
+def test_the_decoder_stage_leaves_the_encoder_and_so_the_unets_latents_unchanged(tmp_path: Path) -> None:
+    vae = pretrain_tiny.build_tiny_model("sdxl", seed=0, pretrained_layout=True).vae
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    pixels = [torch.rand(3, 64, 64) * 2 - 1 for _ in range(4)]
+    losses = pretrain_tiny.train_decoder(vae, pixels, steps=2, batch=4, log=tmp_path / "log")
+    after = vae.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(losses) == 2
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) > len(trained) // 2
+    assert all(p.requires_grad for p in vae.parameters())  # handed back trainable, as it came
+    shapes = pretrain_tiny.random_colour_shapes(64, pretrain_tiny.random.Random(0))
+    colours = {tuple(c) for c in shapes.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}
+    assert shapes.shape == (64, 3, 64, 64) and len(colours) > 90  # a random colour per shape, half the backgrounds
