@@ -116,6 +116,24 @@ def random_crops(pixels: list[torch.Tensor], batch: int, crop: int, gen: torch.G
     return torch.stack(crops)
 
 
+def optimizer_step(loss: torch.Tensor, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                   schedule: torch.optim.lr_scheduler.LRScheduler, losses: list[float]) -> None:
+    """Backward, clip to 1, step the optimizer and the schedule; the VAE and decoder stages share it."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+
+
+def log_every_50(log: Path, stage: str, step: int, steps: int, losses: list[float], start: float) -> None:
+    if step % 50 == 0 or step == steps - 1:
+        with log.open("a") as f:
+            f.write(f"{stage} step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
+                    f"t {time.perf_counter() - start:.0f}s\n")
+
+
 def train_vae(vae: torch.nn.Module, pixels: list[torch.Tensor], *, steps: int, log: Path, batch: int = 32,
               device: str = "cpu", max_seconds: float | None = None, eval_every: int = 0) -> list[float]:
     """Reconstruction training of a plain autoencoder (the posterior mean; its variance is switched off after,
@@ -140,16 +158,8 @@ def train_vae(vae: torch.nn.Module, pixels: list[torch.Tensor], *, steps: int, l
         z = posterior.mean
         recon = vae.decode(z).sample
         loss = (recon - x).abs().mean() + 0.1 * (recon - x).pow(2).mean() + 1e-4 * z.pow(2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            with log.open("a") as f:
-                f.write(f"vae step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                        f"t {time.perf_counter() - start:.0f}s\n")
+        optimizer_step(loss, list(vae.parameters()), optimizer, schedule, losses)
+        log_every_50(log, "vae", step, steps, losses, start)
         if eval_every and (step + 1) % eval_every == 0:
             vae.eval()
             with log.open("a") as f:
@@ -196,16 +206,8 @@ def train_decoder(vae: torch.nn.Module, pixels: list[torch.Tensor], *, steps: in
             z = vae.encode(x).latent_dist.mean
         recon = vae.decode(z).sample
         loss = (recon - x).abs().mean() + 0.1 * (recon - x).pow(2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            with log.open("a") as f:
-                f.write(f"decoder step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                        f"t {time.perf_counter() - start:.0f}s\n")
+        optimizer_step(loss, params, optimizer, schedule, losses)
+        log_every_50(log, "decoder", step, steps, losses, start)
     for param in vae.parameters():
         param.requires_grad_(True)
     return losses
