@@ -58,8 +58,8 @@ def test_not_supported_lists_only_flags_still_missing_each_with_a_reason() -> No
 def test_census_counts_match_kohyas_parsers() -> None:
     """The counts the issue measured at kohya v0.10.1, so the data file is not silently cut down."""
     counts = {name: len(entry["flags"]) for name, entry in census_data()["scripts"].items()}
-    assert counts == {"train_network": 193, "sdxl_train_network": 196, "sdxl_train": 176, "train_control_net": 153,
-                      "sdxl_train_control_net": 169}
+    assert counts == {"train_network": 193, "sdxl_train_network": 196, "sdxl_train": 176, "fine_tune": 167,
+                      "train_control_net": 153, "sdxl_train_control_net": 169}
     assert all(len(set(entry["flags"])) == len(entry["flags"]) for entry in census_data()["scripts"].values())
 
 

@@ -88,6 +88,6 @@ def test_every_imported_package_is_a_requirement() -> None:
     for path in files + list(ROOT.glob("train_*.py")):
         for match in re.finditer(r"^\s*(?:from ([A-Za-z_]\w*)[\w.]* import|import ([A-Za-z_]\w*))", path.read_text(), flags=re.M):
             imported.add(match.group(1) or match.group(2))
-    local = {"library", "networks", "tools", "train_network", "train_sdxl", "train_controlnet", "__future__"}
+    local = {"library", "networks", "tools", "train_network", "train_sdxl", "fine_tune", "train_controlnet", "__future__"}
     third_party = imported - set(sys.stdlib_module_names) - local
     assert third_party <= declared | optional, sorted(third_party - declared - optional)

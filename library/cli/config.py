@@ -52,8 +52,8 @@ KOHYA_SS_GUI_ONLY_KEYS = frozenset({
     "stop_text_encoder_training",  # train_db.py's flag; the LoRA and SDXL scripts do not read it
     "no_token_padding",  # train_db.py's flag, written by the DreamBooth tab for SDXL too
     # train_db.py's / fine_tune.py's text-encoder learning rate for SD1.x/SD2.x full fine-tuning, which the GUI's
-    # DreamBooth and fine-tune tabs write for SD1.5 only. No script here trains a whole SD1.x/SD2.x model, and
-    # kohya's train_network.py and sdxl_train.py do not read it (their flags: text_encoder_lr, learning_rate_te1/2).
+    # DreamBooth and fine-tune tabs write for SD1.5 only. Our fine_tune.py reads it as its flag; kohya's
+    # train_network.py and sdxl_train.py do not read it (their flags: text_encoder_lr, learning_rate_te1/2).
     "learning_rate_te",
 })
 

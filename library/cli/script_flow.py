@@ -129,7 +129,7 @@ class Session:
 
 
 def open_session(args: argparse.Namespace, *, support: set[str] | None = None,
-                 required_family: ModelFamily | None = None) -> Session:
+                 required_families: tuple[ModelFamily, ...] = ()) -> Session:
     """Everything before the trainable parts exist; data problems are raised before the model is loaded."""
     check_run_can_start(args)  # optional packages and backends the flags ask for, before any data or model
     resume_state = resume_from_args(args)  # recovers interrupted saves, --resume auto, checks the state: before any work
@@ -147,11 +147,13 @@ def open_session(args: argparse.Namespace, *, support: set[str] | None = None,
         model = load_model(args.pretrained_model_name_or_path, family=args.family, vae=args.vae,
                            prediction_type="v_prediction" if args.v_parameterization else None,
                            mmap=not getattr(args, "disable_mmap_load_safetensors", False))
-    if required_family is not None and model.family is not required_family:
+    if required_families and model.family not in required_families:
         from library.models.loading import ModelLoadError
 
+        names = " and ".join(family.name for family in required_families)
+        other = {"sdxl": "train_sdxl.py"}.get(model.family.name, "fine_tune.py")
         raise ModelLoadError(f"{args.pretrained_model_name_or_path} is an {model.family.name} model; this script trains "
-                             f"{required_family.name} models only")
+                             f"{names} models only (for {model.family.name}: {other})")
     weight_dtype, vae_dtype, save_dtype = model_dtypes(args, model)
     attention = apply_diffusers_xformers(args, model, apply_attention_backend(args, model))
     return Session(args=args, accelerator=accelerator, seed=seed, data=data, model=model, weight_dtype=weight_dtype,
