@@ -12,7 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from library.models.loading import load_model
-from library.models.tiny_models import PRETRAINED_NORM_GROUPS, build_pretrained_tiny_model, text_encoder_hash
+from library.models.tiny_models import (
+    PRETRAINED_DIR,
+    PRETRAINED_NORM_GROUPS,
+    PRETRAINED_SD1_UNET_WIDTHS,
+    build_pretrained_tiny_model,
+    text_encoder_hash,
+)
 from library.training.concept_score import NAMED_COLOURS, Concept, concept_parts, concept_score, parse_concept
 from tools import make_sample_dataset, pretrain_tiny
 
@@ -54,16 +60,31 @@ def test_a_purple_star_is_told_from_other_colours_and_shapes(tmp_path: Path) -> 
         NAMED_COLOURS["orange"], "hexagon", NAMED_COLOURS["light blue"], "top left")
 
 
-def test_pretraining_runs_end_to_end_and_its_export_loads(tmp_path: Path, capsys) -> None:
+def toy_pretraining(work: Path, export: Path, *extra: str) -> list[str]:
+    return ["--work_dir", str(work), "--images", "24", "--vae_steps", "2", "--decoder_steps", "2", "--unet_steps", "2",
+            "--batch", "4", "--export_to", str(export), "--eval_seeds", "1", *extra]
+
+
+def test_pretraining_runs_end_to_end_deterministically_and_its_export_loads(tmp_path: Path, capsys) -> None:
     export = tmp_path / "export"
-    assert pretrain_tiny.main(["--work_dir", str(tmp_path / "work"), "--images", "24", "--vae_steps", "2",
-                               "--decoder_steps", "2", "--unet_steps", "2", "--batch", "4", "--export_to", str(export), "--eval_seeds", "1"]) == 0
+    assert pretrain_tiny.main(toy_pretraining(tmp_path / "work", export)) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.rindex('{\n  "family"'):])
     assert set(summary["concept_scores"]) == set(pretrain_tiny.EVAL_PROMPTS)
     files = sorted(p.name for p in export.iterdir())
     assert files == ["sdxl_unet.safetensors", "text_encoder_hashes.json", "vae.safetensors"]
-    assert sum(p.stat().st_size for p in export.iterdir()) < 10 * 2**20
+    # the same command in another folder writes the same bytes (seeded, one thread)
+    assert pretrain_tiny.main(toy_pretraining(tmp_path / "again", tmp_path / "export_again")) == 0
+    for name in files:
+        assert (export / name).read_bytes() == (tmp_path / "export_again" / name).read_bytes(), name
+    # SD1.5 next, in the same work folder: fine_tune.py trains its UNet on the VAE the SDXL run trained
+    vae_bytes = (export / "vae.safetensors").read_bytes()
+    assert pretrain_tiny.main(toy_pretraining(tmp_path / "work", export, "--family", "sd15")) == 0
+    assert (export / "vae.safetensors").read_bytes() == vae_bytes
+    sd1 = build_pretrained_tiny_model("sd1", export)
+    assert list(sd1.unet.config.block_out_channels) == PRETRAINED_SD1_UNET_WIDTHS
+    assert sd1.vae.config.scaling_factor == 0.18215  # SD1's own factor on the shared weights
+    assert set(json.loads((export / "text_encoder_hashes.json").read_text())) == {"sd1", "sdxl"}
     unet = load_file(export / "sdxl_unet.safetensors")
     assert {t.dtype for t in unet.values()} == {torch.float16}
     model = build_pretrained_tiny_model("sdxl", export)
@@ -72,7 +93,7 @@ def test_pretraining_runs_end_to_end_and_its_export_loads(tmp_path: Path, capsys
     assert load_model(tmp_path / "work" / "out" / "sdxl_trained.safetensors").unet.config.norm_num_groups == 8
     assert all(torch.equal(model.unet.state_dict()[k], v.float()) for k, v in unet.items())
     assert text_encoder_hash(model) == json.loads((export / "text_encoder_hashes.json").read_text())["sdxl"]
-    (export / "text_encoder_hashes.json").write_text(json.dumps({"sdxl": "0" * 64}))
+    (export / "text_encoder_hashes.json").write_text(json.dumps({"sdxl": "0" * 64, "sd1": "0" * 64}))
     with pytest.raises(RuntimeError, match="seeded text encoders"):
         build_pretrained_tiny_model("sdxl", export)
 
@@ -92,3 +113,26 @@ def test_the_decoder_stage_leaves_the_encoder_and_so_the_unets_latents_unchanged
     shapes = pretrain_tiny.random_colour_shapes(64, pretrain_tiny.random.Random(0))
     colours = {tuple(c) for c in shapes.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}
     assert shapes.shape == (64, 3, 64, 64) and len(colours) > 90  # a random colour per shape, half the backgrounds
+
+
+def test_the_committed_pretrained_models_fit_in_10_mib_and_load_in_diffusers(tmp_path: Path, capsys) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from tools import make_tiny_model
+
+    files = {p.name: p.stat().st_size for p in PRETRAINED_DIR.iterdir()}
+    assert set(files) == {"sdxl_unet.safetensors", "sd1_unet.safetensors", "vae.safetensors", "text_encoder_hashes.json"}
+    assert sum(files.values()) < 10 * 2**20, files
+    sdxl = build_pretrained_tiny_model("sdxl")  # checks the rebuilt text encoders against the recorded hash
+    assert all(torch.isfinite(p).all() for p in sdxl.unet.parameters())
+    # the SD1.5 base as the diffusers folder a user asks for
+    assert make_tiny_model.main(["--family", "sd15", "--pretrained", "--output", str(tmp_path / "sd15")]) == 0
+    assert "wrote pretrained tiny sd15 model" in capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd15", local_files_only=True)
+    ours = build_pretrained_tiny_model("sd1")
+    for name, module in (("unet", ours.unet), ("vae", ours.vae), ("text_encoder", ours.text_encoders[0])):
+        theirs = getattr(pipe, name).state_dict()
+        assert all(torch.equal(theirs[k], v) for k, v in module.state_dict().items()), name
+    with pytest.raises(SystemExit):
+        make_tiny_model.main(["--family", "sd21", "--pretrained", "--output", str(tmp_path / "sd21")])
+    assert "no pretrained tiny sd2 model" in capsys.readouterr().err

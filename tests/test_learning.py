@@ -1,5 +1,5 @@
-"""Training learns: the committed pretrained tiny SDXL draws what its prompt names, and the scripts, run as a user
-types them, teach it something a person would see.
+"""Training learns: the committed pretrained tiny SDXL and SD1.5 draw what their prompts name, and the scripts, run
+as a user types them, teach the SDXL one something a person would see.
 
 The other tests show that weights change, files load and resumes are exact; these show learning on the pixels:
 - pretraining (tools/pretrain_tiny.py, whose output is library/models/tiny_pretrained/): each prompt's images score
@@ -33,30 +33,36 @@ from tools.shape_samples import EVAL_PROMPTS, sample, score_images
 
 SEEDS = range(100, 108)  # not the seeds the pretraining evaluation used (0..15)
 STAR = Concept(NAMED_COLOURS["purple"], "star", NAMED_COLOURS["white"])
-LORA_STEPS, FINE_TUNE_STEPS, CONTROLNET_STEPS = 20, 40, 120  # each well past where its score settled
+LORA_STEPS, FINE_TUNE_STEPS, CONTROLNET_STEPS = 20, 40, 240  # each well past where its score settled
 LEARNING_SAMPLE_STEPS = 8  # enough to tell a changed model apart; keeps each before/after under 2 CPU-s
 
 
-@pytest.fixture(scope="module")
-def drawn() -> dict[str, list]:
-    pipe = build_pretrained_tiny_model("sdxl").to_pipeline()
+# family: (prompts checked one by one, their minimum own score, minimum gap to the best of the other prompts'
+# images; minimum mean own score, minimum gap of the means). Measured (8 seeds, 12 sampling steps):
+# SDXL: red circle 0.65 vs at most 0.25 from the other prompts' images, yellow triangle 0.70 vs 0.26, green circle
+#   0.84 vs 0.34; all five prompts 0.59 on their own against 0.12 on the others;
+# SD1.5 (narrower UNet, 3000 steps): red circle 0.61 vs at most 0.17, green circle 0.64 vs 0.27; all five 0.44 vs 0.13.
+FOLLOWS = {
+    "sdxl": (("a red circle on a white background", "a yellow triangle on a grey background",
+              "a green circle on a light blue background"), 0.5, 0.25, 0.45, 0.3),
+    "sd1": (("a red circle on a white background", "a green circle on a light blue background"), 0.45, 0.25, 0.3, 0.2),
+}
+
+
+@pytest.mark.parametrize("family", FOLLOWS)
+def test_the_pretrained_base_draws_what_the_prompt_names(family) -> None:
+    pipe = build_pretrained_tiny_model(family).to_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    return {prompt: sample(pipe, prompt, SEEDS, steps=12) for prompt in EVAL_PROMPTS}
-
-
-def test_the_pretrained_base_draws_what_the_prompt_names(drawn) -> None:
+    drawn = {prompt: sample(pipe, prompt, SEEDS, steps=12) for prompt in EVAL_PROMPTS}
     own = {prompt: score_images(images, prompt) for prompt, images in drawn.items()}
     others = {prompt: [score_images(drawn[other], prompt) for other in EVAL_PROMPTS if other != prompt]
               for prompt in EVAL_PROMPTS}
-    # measured (8 seeds, 12 sampling steps): red circle 0.65 vs at most 0.25 from the other prompts' images,
-    # yellow triangle 0.70 vs 0.26, green circle 0.84 vs 0.34
-    for prompt in ("a red circle on a white background", "a yellow triangle on a grey background",
-                   "a green circle on a light blue background"):
-        assert own[prompt] > 0.5 and own[prompt] - max(others[prompt]) > 0.25, (prompt, own[prompt], others[prompt])
-    # measured: 0.59 on their own prompts against 0.12 on the others, over all five prompts
+    prompts, min_own, min_gap, min_mean, min_mean_gap = FOLLOWS[family]
+    for prompt in prompts:
+        assert own[prompt] > min_own and own[prompt] - max(others[prompt]) > min_gap, (prompt, own[prompt], others[prompt])
     mean_own = sum(own.values()) / len(own)
     mean_others = sum(sum(v) for v in others.values()) / sum(len(v) for v in others.values())
-    assert mean_own > 0.45 and mean_own - mean_others > 0.3, (own, others)
+    assert mean_own > min_mean and mean_own - mean_others > min_mean_gap, (own, others)
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +156,13 @@ def test_a_controlnet_learns_to_put_the_shape_where_the_condition_says(run_scrip
     run_script("train_controlnet.py", [
         "--pretrained_model_name_or_path", base, "--train_data_dir", data / "images",
         "--conditioning_data_dir", data / "masks", "--caption_extension", ".caption", "--resolution", "64",
-        "--train_batch_size", "4", "--learning_rate", "5e-3", "--max_train_steps", str(CONTROLNET_STEPS),
+        "--train_batch_size", "4", "--learning_rate", "5e-3", "--lr_scheduler", "cosine",
+        "--max_train_steps", str(CONTROLNET_STEPS),
         "--seed", "0", "--max_data_loader_n_workers", "0", "--output_dir", output, "--output_name", "cn"])
     model = load_model(base)
     before = control_fidelity(model.to_pipeline(), masks)
     after = control_fidelity(model.to_pipeline(controlnet=load_controlnet(output / "cn.safetensors")), masks)
-    # measured (8 held-out silhouettes, 8 sampling steps): before 0.04; after 30/60/90/120 steps 0.10/0.13/0.41/0.48
-    # (the same, to 0.01, with a decoder that also learned purple: the measure is where, not which colour)
+    # measured (8 held-out silhouettes, 8 sampling steps): before 0.01; after 40/80/.../240 steps 0.44, 0.13, 0.59,
+    # 0.62, 0.65, 0.65. At a constant 5e-3 it swung between 0.07 and 0.67 from one 40-step checkpoint to the
+    # next up to 400 steps; the cosine decay settles it
     assert before < 0.1 and after > 0.25, (before, after)

@@ -13,6 +13,7 @@ from library.models.ldm_layout import unet_table
 from library.models.loading import load_model, save_single_file
 from library.models.sdxl_blocks import block_index
 from tools.make_sample_dataset import make_sample_dataset
+from tests.helpers.fine_tune_args import changed, fine_tune_args as args_for
 
 
 
@@ -26,17 +27,6 @@ def sdxl_single_file(tiny_model_dirs, tmp_path_factory: pytest.TempPathFactory) 
     path = tmp_path_factory.mktemp("ckpt") / "tiny_sdxl.safetensors"
     save_single_file(load_model(tiny_model_dirs["sdxl"]), path)
     return path
-
-
-def args_for(model: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--in_json", str(data / "meta.json"),
-            "--train_data_dir", str(data / "images"), "--resolution", "64", "--learning_rate", "1e-3", "--seed", "5",
-            "--max_data_loader_n_workers", "0", "--output_dir", str(output), "--output_name", "model",
-            "--max_train_steps", str(steps), *extra]
-
-
-def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
-    return {k for k in a if not torch.equal(a[k], b[k])}
 
 
 def test_unet_only_saves_a_single_file_that_diffusers_loads(tiny_model_dirs, sdxl_single_file, sample_data, tmp_path):

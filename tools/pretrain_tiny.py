@@ -1,51 +1,57 @@
-"""Pretrain the tiny SDXL architecture from scratch on procedural shapes, so that it can draw.
+"""Pretrain the tiny SDXL and SD1.5 architectures from scratch on procedural shapes, so that they can draw.
 
-    python tools/pretrain_tiny.py --work_dir pretrain_work [--vae_steps 1000] [--unet_steps 2000]
+    python tools/pretrain_tiny.py --work_dir pretrain_work                   # SDXL: VAE, then UNet
+    python tools/pretrain_tiny.py --work_dir pretrain_work --family sd15     # SD1.5: UNet on the same VAE
 
 1. writes the shapes dataset at 64 px (tools/make_sample_dataset.py --variety full: 3000 images);
 2. trains the VAE for reconstruction (L1 on batches of 32 random 32 px crops that hold part of a shape), then
    rescales its latent so that ``latent * scaling_factor`` has unit spread and makes the encoder deterministic,
    then trains the decoder alone (``--decoder_steps``, encoder frozen) on whole images, half shapes in uniformly
    random RGB colours (the data keeps purple back for the demo; the decoder must still be able to draw it);
-   ``--stage decoder --vae_from VAE`` applies this step to a finished VAE and rewrites only the exported VAE;
-3. trains the UNet with the project's own train_sdxl.py (``main(argv)``: cached latents and text-encoder
-   outputs, min-SNR weighting, caption dropout for classifier-free guidance, constant learning rate after 50
-   warm-up steps, so the checkpoint at step N is what an N-step run gives); the text encoders stay at their
-   seeded random initialisation (trained ones would add ~8 MB fp16, over the 10 MB budget);
+   ``--stage decoder --vae_from VAE`` applies this step to a finished VAE and rewrites only the exported VAE.
+   Both families share this VAE (same architecture; SD1.5 reads it with its own scaling factor 0.18215, so its
+   latents have a spread of 1.4 instead of 1): the SD1.5 run takes the one the SDXL run left in --work_dir;
+3. trains the UNet with the project's own full fine-tuning scripts, train_sdxl.py for SDXL and fine_tune.py for
+   SD1.5 (``main(argv)``: cached latents and text-encoder outputs, min-SNR weighting, caption dropout for
+   classifier-free guidance, constant learning rate after 50 warm-up steps, so the checkpoint at step N is what
+   an N-step run gives); the text encoders stay at their seeded random initialisation (trained ones would add
+   ~8 MB fp16, over the budget);
 4. exports the UNet and VAE in fp16 (``--export_to``, by default ``library/models/tiny_pretrained/``, which
    `library.models.tiny_models.build_pretrained_tiny_model` loads); the text encoders are rebuilt from the
    seed there and checked against the hash written next to the weights; prints the concept scores
    (library.training.concept_score) of a few prompts and the score of each prompt's images against the OTHER
    prompts ("mismatched": what a model that ignores its prompt gets).
 
-Everything is seeded and runs on one thread. The committed weights are this recipe (the defaults), measured on
-2 cores shared with other jobs: VAE 1000 steps of batch 32, 557 s CPU (616 s wall), reconstruction of the
-64 px images L1 8.1/255, mean-colour error 4.7/255, chroma ratio 1.11 (batch 8 and 800 steps lost colour:
-error 17-24/255); UNet 2000 steps of batch 32 at lr 1e-3, ~0.45 s CPU a step (caching ~60 s): ~960 s CPU,
-~22 min wall. About 26 min of CPU in all, plus ~5 min for the decoder stage. Mean concept score over EVAL_PROMPTS x 16 seeds (guidance 4) by
-UNet step: random UNet 0.38 (noise scores by luck: colour shares), 500: 0.22, 1000: 0.38, 1500: 0.52,
-2000: 0.63 (the export; "a red circle on a white background" 0.81, mismatched prompts 0.12), 2500: 0.58,
-3000: 0.47, 3500: 0.57; with the constant rate the score swings between checkpoints, 2000 was the best of
-those. Short captions (``--captions short``) were behind at 1000 and 1500 steps (0.37, 0.47). "a blue square"
-(0.28) and "a white diamond" (0.46) are the weak prompts: the shapes come out as round blobs. SD1.5 is not
-pretrained: its tiny UNet (2.45 M parameters, 4.9 MB fp16) would not fit next to the SDXL UNet (6.2 MB) and the
-VAE (2.8 MB) in 10 MB, and SD1.5 has no full fine-tune script to train it with. The VAE stage alone never
-sees purple (the data keeps it for the demo's new concept) and decoded purple (140, 50, 200) as cyan (81, 187,
-214), so the demo's LoRA drew cyan stars (concept score 0.03 -> 0.24). The committed VAE is that one after the decoder
-stage (``--stage decoder``, 400 steps of batch 16, lr 5e-4 cosine; 309 s CPU, 329 s wall): purple decodes as
-(164, 137, 190) (still greyish: 800+ steps untried), L1 8.1 -> 5.6, mean-colour error 4.7 -> 2.5, chroma ratio
-1.11 -> 1.00 (better, as it trains on the whole images the metric uses); the demo's stars come out purple with
-green patches, score 0.13 -> 0.54. A from-scratch run applies the stage before the UNet stage, which is not
-verified to reproduce the committed UNet bit for bit (its latents do not depend on the decoder). Each stage is
-skipped when its output is in --work_dir.
+Everything is seeded and runs on one thread: the same command writes the same bytes (tests/test_concept_score.py
+checks it at toy sizes). The committed weights are exactly what the two commands above write with their defaults,
+run end to end from an empty --work_dir on 2 cores shared with other jobs:
+- SDXL: about 1720 s CPU. VAE 1000 steps of batch 32 (~560 s CPU; L1 8.1/255, mean-colour error 4.7/255),
+  decoder stage 400 steps of batch 16 (~370 s; purple (140, 50, 200) decodes as (164, 137, 190) instead of
+  cyan, colour error 2.5/255), UNet stage 791 s CPU (826 s wall: 2000 steps of batch 32 at lr 1e-3, ~0.35 s
+  CPU a step, with the caching and the evaluation). Mean concept score over EVAL_PROMPTS x 16 seeds (guidance
+  4): 0.625, mismatched 0.115; "a red circle on a white background" 0.83, yellow triangle 0.77, green circle
+  0.85; the weak prompts are a blue square (0.29) and a white diamond (0.38), which come out as round blobs.
+  By UNet step (an earlier run of the same recipe): 500: 0.22, 1000: 0.38, 1500: 0.52, 2000: 0.63, 2500: 0.58,
+  3000: 0.47, 3500: 0.57 (with the constant rate the score swings between checkpoints; 2000 was the best).
+- SD1.5: 1016 s CPU, 1053 s wall: 3000 UNet steps of batch 32 at lr 1e-3 (~0.3 s CPU a step) on the SDXL run's
+  VAE, all images in the 64x64 bucket (SD1.5 buckets step by 64 px). Its UNet is narrower
+  (tiny_models.PRETRAINED_SD1_UNET_WIDTHS, 0.62 M parameters) to fit the budget; narrower ones never learned
+  to follow the prompt. Mean concept score 0.44, mismatched 0.14; red circle 0.60, green circle 0.64, yellow
+  triangle 0.40, white diamond 0.43, blue square 0.15. By UNet step (an earlier run, 8 seeds): 1000: 0.25
+  (mismatched 0.18), 1500: 0.34 (0.16), 2000: 0.36 (0.16), 2500: 0.43 (0.12), 3000: 0.46 (0.14).
+
+Why the recipe is what it is (measured): batches of 8 crops left the VAE's colours desaturated (error 17-24/255
+after 800-1200 steps), batches of 32 fixed that. Without the decoder stage purple decoded as cyan and the demo's
+LoRA drew cyan stars (score 0.03 -> 0.24; with it 0.13 -> 0.54 on an earlier base, 0.10 -> 0.53 on this one).
+800 SDXL UNet steps were too few to follow the prompt (it starts near 1000). Short captions (``--captions
+short``) were behind at 1000 and 1500 steps. Image latents are sampled with seeds from the file names, not the
+paths, so the --work_dir does not change the result.
 
 The models are built with ``pretrained_layout`` (library.models.tiny_models.PRETRAINED_NORM_GROUPS): at the
 tiny widths, GroupNorm's 32 groups are one channel each, a per-channel instance norm that removes every
 channel's mean over the image, so flat colours cannot pass the VAE and the UNet can hardly set its output's
 mean (measured: mean colour error of the VAE after 400 steps 24/255 with 32 groups, 17/255 with 8). Flat
 crops (no shape in them) have zero variance under those norms and made the VAE's loss jump; they are skipped.
-With both but batches of 8 crops, 1200 VAE steps still left colours desaturated (pixel error 23/255); batches
-of 32 fixed that. 800 UNet steps were too few to follow the prompt (scores 0.04-0.29); it starts near 1000.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from library.models.families import SDXL, resolve_family
+from library.models.families import SD1, SDXL, resolve_family
 from library.models.loading import load_model, save_single_file
 from library.io import atomic_save_safetensors
 from library.models.tiny_models import (
@@ -78,6 +84,7 @@ from tools.make_sample_dataset import FULL_SHAPES, POSITIONS, PURPLE, make_sampl
 from tools.shape_samples import EVAL_PROMPTS, contact_sheet, sample, score_images
 
 SEED = 0
+UNET_STEPS = {"sdxl": 2000, "sd1": 3000}  # the committed weights' steps; SD1.5's narrower UNet follows prompts later
 DECODER_STEPS = 400  # decoder-only steps of batch 16 on random colours
 
 
@@ -304,7 +311,7 @@ def decoder_stage(family: str, work: Path, vae_from: Path, steps: int, log: Path
     after = {"purple": decoded_colour(vae, device=device), **vae_metrics(vae, pixels, device)}
     path = pretrained_file(family, "vae", export_to)
     atomic_save_safetensors({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in vae.state_dict().items()},
-                            path, metadata={"family": family})
+                            path, metadata={"families": "sd1 sdxl"})
     return {"vae": str(path), "before": before, "after": after}
 
 
@@ -321,14 +328,19 @@ def short_captions_meta(work: Path) -> Path:
 def unet_argv(family: str, base: Path, work: Path, steps: int, batch: int, lr: float, *, in_json: Path | None = None,
               train_text_encoder: bool = False, te_lr: float | None = None, lr_scheduler: str = "constant_with_warmup",
               save_every: int | None = None) -> list[str]:
-    """train_sdxl's command line. A trained text encoder changes its outputs every step, so they are cached only
+    """train_sdxl's (fine_tune's for SD1.5) command line. A trained text encoder changes its outputs every step, so they are cached only
     when the encoders stay frozen."""
-    text = (["--train_text_encoder", "--learning_rate_te1", str(te_lr or lr), "--learning_rate_te2", str(te_lr or lr)]
+    te_flags = ("--learning_rate_te1", "--learning_rate_te2") if family == SDXL.name else ("--learning_rate_te",)
+    text = (["--train_text_encoder", *(arg for flag in te_flags for arg in (flag, str(te_lr or lr)))]
             if train_text_encoder else ["--cache_text_encoder_outputs"])
+    # SD1.5's UNet halves the latent three times (SDXL's twice), so its buckets step by 64 px: at 64 px every
+    # image goes to the 64x64 bucket
+    step = 32 if family == SDXL.name else 64
+    buckets = ["--min_bucket_reso", str(step), "--max_bucket_reso", "128", "--bucket_reso_steps", str(step)]
     return [
         "--pretrained_model_name_or_path", str(base), "--in_json", str(in_json or work / "data" / "meta.json"),
         "--train_data_dir", str(work / "data" / "images"), "--resolution", "64", "--enable_bucket",
-        "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
+        *buckets,
         "--cache_latents", *text, "--vae_batch_size", "32", "--train_batch_size", str(batch),
         "--learning_rate", str(lr), "--optimizer_type", "AdamW", "--lr_scheduler", lr_scheduler,
         "--lr_warmup_steps", str(min(50, steps // 10)), "--max_train_steps", str(steps), "--seed", str(SEED),
@@ -339,11 +351,13 @@ def unet_argv(family: str, base: Path, work: Path, steps: int, batch: int, lr: f
 
 
 def unet_stage(family: str, work: Path, base: Path, argv: list[str]) -> Path:
+    """The project's own full fine-tuning script: train_sdxl.py for SDXL, fine_tune.py for SD1.5."""
+    import fine_tune
     import train_sdxl
 
     out = work / "out" / f"{family}_trained.safetensors"
     if not out.exists():
-        code = train_sdxl.main(argv)
+        code = (train_sdxl if family == SDXL.name else fine_tune).main(argv)
         if code != 0:
             raise SystemExit(code)
     return out
@@ -429,7 +443,9 @@ def pick_device(name: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", required=True, help="folder for the dataset, caches and checkpoints")
-    parser.add_argument("--family", choices=(SDXL.name,), default=SDXL.name, help="train_sdxl.py trains the UNet")
+    parser.add_argument("--family", choices=(SDXL.name, SD1.name, SD1.cli_name), default=SDXL.name,
+                        help="sdxl: train_sdxl.py trains the UNet; sd1 (sd15): fine_tune.py trains its narrower UNet "
+                             "on the latents of the VAE an sdxl run in the same --work_dir trained (or --vae_from)")
     parser.add_argument("--images", type=int, default=3000, help="images in the shapes dataset")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device of the VAE stage and of the evaluation (default: cuda when there is one); "
@@ -444,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a vae.safetensors written by an earlier run (or an exported fp16 VAE): skip VAE training")
     parser.add_argument("--decoder_steps", type=int, default=DECODER_STEPS,
                         help="decoder-only steps after the VAE stage, on shapes of random colours (0: none)")
-    parser.add_argument("--unet_steps", type=int, default=2000, help="UNet steps (train_sdxl --max_train_steps)")
+    parser.add_argument("--unet_steps", type=int, default=None,
+                        help=f"UNet steps (--max_train_steps; default: {UNET_STEPS})")
     parser.add_argument("--batch", type=int, default=32, help="UNet batch size")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="UNet learning rate")
     parser.add_argument("--lr_scheduler", default="constant_with_warmup",
@@ -502,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     in_json = short_captions_meta(work) if args.captions == "short" else None
     trained = unet_stage(family, work, base, unet_argv(
-        family, base, work, args.unet_steps, args.batch, args.learning_rate, in_json=in_json,
+        family, base, work, args.unet_steps or UNET_STEPS[family], args.batch, args.learning_rate, in_json=in_json,
         train_text_encoder=args.train_text_encoder, te_lr=args.te_learning_rate, lr_scheduler=args.lr_scheduler,
         save_every=args.save_every))
     if args.stage == "unet":

@@ -367,7 +367,8 @@ def fill_latent_cache(
     def generators(entries: list[tuple[Path, LatentJob]], tag: str) -> list[torch.Generator] | None:
         if seed is None:
             return None
-        return [torch.Generator().manual_seed(_stable_seed(seed, f"{job.image_path}{tag}")) for _, job in entries]
+        # seeded by the file's name, not its path: the same dataset in another folder gets the same latents
+        return [torch.Generator().manual_seed(_stable_seed(seed, f"{job.image_path.name}{tag}")) for _, job in entries]
 
     pool = ThreadPoolExecutor(load_workers) if load_workers > 0 else None
     try:
