@@ -195,7 +195,7 @@ def test_architecture_names_live_in_one_table() -> None:
     """Every ModelSpec/kohya family name is written in library/models/families.py and nowhere else."""
     names = ("stable-diffusion-v2-768-v", "stable-diffusion-xl-v1-base", "sdxl_base_v1-0")
     sources = [p for folder in ("library", "networks", "tools") for p in (ROOT / folder).rglob("*.py")]
-    sources += list(ROOT.glob("train_*.py"))
+    sources += [*ROOT.glob("train_*.py"), ROOT / "fine_tune.py"]
     holders = {p.relative_to(ROOT).as_posix() for p in sources if any(n in p.read_text() for n in names)}
     assert holders == {"library/models/families.py"}
 
@@ -203,7 +203,7 @@ def test_architecture_names_live_in_one_table() -> None:
 def test_no_family_questions_outside_library_models() -> None:
     pattern = re.compile(r"is_sdxl|[\"']sdxl[\"']")
     sources = [p for folder in ("library", "networks", "tools") for p in (ROOT / folder).rglob("*.py")]
-    sources += list(ROOT.glob("train_*.py"))
+    sources += [*ROOT.glob("train_*.py"), ROOT / "fine_tune.py"]
     askers = sorted(p.relative_to(ROOT).as_posix() for p in sources
                     if "library/models/" not in p.as_posix() and pattern.search(p.read_text()))
     assert askers == []

@@ -84,7 +84,7 @@ from tools.make_sample_dataset import FULL_SHAPES, POSITIONS, PURPLE, make_sampl
 from tools.shape_samples import EVAL_PROMPTS, contact_sheet, sample, score_images
 
 SEED = 0
-UNET_STEPS = {"sdxl": 2000, "sd1": 3000}  # the committed weights' steps; SD1.5's narrower UNet follows prompts later
+UNET_STEPS = {SDXL.name: 2000, SD1.name: 3000}  # the committed weights' steps; SD1.5's narrower UNet follows prompts later
 DECODER_STEPS = 400  # decoder-only steps of batch 16 on random colours
 
 

@@ -46,7 +46,7 @@ from library.training.checkpoints import TrainState
 from library.training.process_count import nodes_in_run
 from library.training.run_settings import run_settings
 from library.training.train_state_io import TrainingStateIO
-from library.models.families import ModelFamily
+from library.models.families import SDXL, ModelFamily
 from library.models.loading import StableDiffusionModel, load_model
 from library.data.dataset_preview import preview_lines
 from library.data.shard_stream import shard_preview_lines
@@ -151,7 +151,7 @@ def open_session(args: argparse.Namespace, *, support: set[str] | None = None,
         from library.models.loading import ModelLoadError
 
         names = " and ".join(family.name for family in required_families)
-        other = {"sdxl": "train_sdxl.py"}.get(model.family.name, "fine_tune.py")
+        other = "train_sdxl.py" if model.family is SDXL else "fine_tune.py"
         raise ModelLoadError(f"{args.pretrained_model_name_or_path} is an {model.family.name} model; this script trains "
                              f"{names} models only (for {model.family.name}: {other})")
     weight_dtype, vae_dtype, save_dtype = model_dtypes(args, model)
