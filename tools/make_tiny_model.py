@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from library.models.families import FAMILY_ALIASES
-from library.models.families import resolve_family
+from library.models.families import FAMILY_ALIASES, resolve_family
 from library.models.loading import save_diffusers
 from library.models.tiny_models import build_pretrained_tiny_model, has_pretrained_tiny_model, make_tiny_model
 

@@ -74,6 +74,7 @@ from library.models.loading import load_model, save_single_file
 from library.io import atomic_save_safetensors
 from library.models.tiny_models import (
     PRETRAINED_DIR,
+    SHARED_VAE_METADATA,
     build_pretrained_tiny_model,
     build_tiny_model,
     pretrained_file,
@@ -311,7 +312,7 @@ def decoder_stage(family: str, work: Path, vae_from: Path, steps: int, log: Path
     after = {"purple": decoded_colour(vae, device=device), **vae_metrics(vae, pixels, device)}
     path = pretrained_file(family, "vae", export_to)
     atomic_save_safetensors({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in vae.state_dict().items()},
-                            path, metadata={"families": "sd1 sdxl"})
+                            path, metadata=SHARED_VAE_METADATA)
     return {"vae": str(path), "before": before, "after": after}
 
 

@@ -36,6 +36,10 @@ PRETRAINED_NORM_GROUPS = 8
 # 0.16 after 2000); 24,24,24,24 did (0.36 vs 0.16 after 2000, 0.46 vs 0.14 after 3000).
 PRETRAINED_SD1_UNET_WIDTHS = [24, 24, 24, 24]
 
+# The one VAE file both pretrained families load; every writer stores it with this metadata, so the SDXL and the
+# SD1.5 export write the same bytes
+SHARED_VAE_METADATA = {"families": "sd1 sdxl"}
+
 
 def build_tiny_model(family: str | ModelFamily, seed: int = 0, *, pretrained_layout: bool = False) -> StableDiffusionModel:
     """Random weights; ``pretrained_layout`` gives the configs the pretrained weights use (fewer norm groups)."""
@@ -82,7 +86,7 @@ def write_pretrained(model: StableDiffusionModel, folder: Path = PRETRAINED_DIR)
     written = []
     for component, module in (("unet", model.unet), ("vae", model.vae)):
         path = pretrained_file(family, component, folder)
-        metadata = {"family": family} if component == "unet" else {"families": "sd1 sdxl"}  # one VAE for both
+        metadata = {"family": family} if component == "unet" else SHARED_VAE_METADATA
         atomic_save_safetensors({k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()},
                                 path, metadata=metadata)
         written.append(path)
